@@ -1,0 +1,1 @@
+"""Linear, recurrent and memory layers."""

@@ -1,0 +1,99 @@
+"""Methods that are a Pattern: their options build a Pattern, and the shared mask engines
+(blocksparse, dense; flex on GPU) execute it. The oracle with the pattern's dense mask is their
+reference, so every pattern method is exact by construction and tested that way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..backends.blocksparse import BlockSparseEngine
+from ..backends.dense import DenseEngine
+from ..backends.mask_spec import MaskSpec
+from ..call import AttentionCall
+from ..options import Option
+from ..patterns.base import Pattern
+from ..reference import reference
+from ..registry import Method
+
+MASK_ENGINES = (BlockSparseEngine(), DenseEngine())
+MASK_BACKENDS = tuple(e.name for e in MASK_ENGINES)
+
+BLOCK_SIZE = Option("block_size", "int", 128, "tile size of the blocksparse / flex engines "
+                    "(a performance knob: results do not depend on it)", low=16, high=1024, tuning=True)
+
+
+class PatternMethod(Method):
+    """Subclasses implement ``build_pattern(call)`` (options are in ``call.options``)."""
+
+    def build_pattern(self, call: AttentionCall) -> Pattern:
+        raise NotImplementedError
+
+    def score_mod(self, call: AttentionCall):
+        """Optional ``(fn, tensors)`` score modification (e.g. a relative-position bias)."""
+        return None, ()
+
+    def engines(self):
+        return MASK_ENGINES
+
+    def validate(self, call: AttentionCall) -> None:
+        self.build_pattern(call).check(call.q_len, call.k_len)
+
+    def prepare(self, call: AttentionCall) -> MaskSpec:
+        pattern = self.build_pattern(call)
+        pattern.check(call.q_len, call.k_len)
+        pattern.check_heads(call.batch, call.heads)
+        fn, tensors = self.score_mod(call)
+        return MaskSpec(pattern, fn, tuple(tensors), call.options.get("block_size", 128))
+
+    def oracle_inputs(self, call: AttentionCall) -> tuple[Any, Any]:
+        spec = self.prepare(call)
+        keep = spec.pattern.dense(call.q_len, call.k_len, call.device)
+        bias = None
+        if call.attn_mask is not None:
+            if call.attn_mask.dtype == torch.bool:
+                keep = keep & call.attn_mask
+            else:
+                bias = call.attn_mask
+        if spec.score_mod is not None:
+            bias = _bias_of(call, spec) if bias is None else bias + _bias_of(call, spec)
+        return keep, bias
+
+    def reference(self, call: AttentionCall) -> torch.Tensor:
+        mask, bias = self.oracle_inputs(call)
+        return reference(call.query, call.key, call.value, mask=mask, bias=bias,
+                         scale=call.scale).to(call.dtype)
+
+
+def _bias_of(call: AttentionCall, spec: MaskSpec) -> torch.Tensor:
+    """An additive score_mod as a dense bias (score_mod(0) - 0); tests and the oracle only."""
+    B, H, Lq, Lk = call.batch, call.heads, call.q_len, call.k_len
+    dev = call.device
+    zero = torch.zeros(B, H, Lq, Lk, dtype=torch.float64, device=dev)
+    b = torch.arange(B, device=dev).view(-1, 1, 1, 1)
+    h = torch.arange(H, device=dev).view(1, -1, 1, 1)
+    q = torch.arange(Lq, device=dev).view(1, 1, -1, 1)
+    k = torch.arange(Lk, device=dev).view(1, 1, 1, -1)
+    return spec.score_mod(zero, b, h, q, k, *[t.to(torch.float64) for t in spec.mod_tensors])
+
+
+class GivenPattern(PatternMethod):
+    """``ak.attend(q, k, v, pattern=p)``: a user's Pattern object (ANDed with the causal mask
+    when ``is_causal``). Not registered; built per call."""
+
+    def __init__(self, pattern: Pattern):
+        from ..call import ALL_PATTERNS
+        from ..registry import MethodInfo, options
+
+        self.pattern = pattern
+        self.info = MethodInfo(name="pattern", family="P", kind="exact", patterns=ALL_PATTERNS,
+                               summary=f"user pattern {pattern.describe()}", backends=MASK_BACKENDS,
+                               accepts_mask=True, decode=True, options=options(BLOCK_SIZE))
+
+    def build_pattern(self, call):
+        if call.is_causal:
+            from ..patterns.interval import Full
+
+            return self.pattern & Full(causal=True)
+        return self.pattern

@@ -1,0 +1,1 @@
+"""Exact structured-sparsity methods: each registers a Pattern under the same options."""

@@ -1,0 +1,31 @@
+"""Decode caches of ``ak.nn.Attention``: keys/values for softmax methods, a state for recurrent ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class AttentionCache:
+    """What one layer remembers between decode calls.
+
+    ``key``/``value`` ``(B, Hkv, T, D)``: projected (and rotated) keys of every token seen so far,
+    or of the cross-attention context. ``state``: the recurrent state of linear methods.
+    ``position``: how many tokens of the layer's own sequence were processed.
+    """
+
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    state: Any = None
+    position: int = 0
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.key is None:
+            self.key, self.value = key, value
+        else:
+            self.key = torch.cat([self.key, key], dim=2)
+            self.value = torch.cat([self.value, value], dim=2)
+        return self.key, self.value

@@ -1,0 +1,62 @@
+"""Shared test helpers: random inputs, the truth for any method, relative errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import attnkit as ak
+from attnkit.api import _dispatch
+from attnkit.registry import get_method
+
+
+def inputs(B=2, H=4, Hkv=2, Lq=63, Lk=None, D=48, Dv=None, dtype=torch.float64, seed=0, grad=False):
+    Lk = Lq if Lk is None else Lk
+    Dv = D if Dv is None else Dv
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Hkv, Lk, Dv, generator=g, dtype=torch.float64).to(dtype)
+    if grad:
+        for t in (q, k, v):
+            t.requires_grad_()
+    return q, k, v
+
+
+def shape_for(pattern: str, Lq: int, Lk: int) -> tuple[int, int]:
+    """Lengths that realize ``pattern`` (self: Lq == Lk; cross: different lengths)."""
+    if pattern.endswith("self"):
+        return Lq, Lq
+    return (Lq, Lk) if Lq != Lk else (Lq, Lk + 5)
+
+
+def truth(name: str, q, k, v, *, is_causal: bool, attn_mask=None, **opts) -> torch.Tensor:
+    """The float64 answer: the oracle with the method's mask (exact methods) or the method's
+    reference form (others), computed from float64 copies of the inputs."""
+    q64, k64, v64 = (t.detach().to(torch.float64) for t in (q, k, v))
+    m64 = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(torch.float64)
+    impl, call, _, _ = _dispatch(q64, k64, v64, m64, 0.0, is_causal, None, q.shape[1] != k.shape[1],
+                                 name, "auto", None, opts)
+    if impl.info.kind == "exact":
+        mask, bias = impl.oracle_inputs(call)
+        return ak.reference(q64, k64, v64, mask=mask, bias=bias, scale=call.scale)
+    return impl.reference(call).to(torch.float64)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.detach().to(torch.float64)
+    return float((out.detach().to(torch.float64) - ref).abs().max()) / (float(ref.abs().max()) or 1.0)
+
+
+def functional_methods():
+    """Names of registered methods callable through ak.attend."""
+    return [i.name for i in ak.methods() if get_method(i.name).engines()]
+
+
+def runnable_backends(name, q, k, v, is_causal, **opts):
+    why = ak.explain(q, k, v, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1], method=name, **opts)
+    return [n for n, r in why.candidates if r is None or "only when named" in r]
+
+
+def sample(name: str, seed: int, Lq: int, Lk: int) -> dict:
+    return get_method(name).sample_options(np.random.default_rng(seed), Lq, Lk)
