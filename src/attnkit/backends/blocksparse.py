@@ -89,7 +89,9 @@ def _scores(t: _Tiles, qb, kb, c0, c1, m0, m1):
         p = t.spec.pattern
         rb = b6 if p.batch else torch.zeros_like(b6)
         rh = h6 if p.heads else torch.zeros_like(h6)
-        keep = keep & (full[:, :, :, None, :, None] | p.rule(rb, rh, qpos, kpos, t.params))
+        # rules see in-range positions only (padding rows/columns are dropped or masked anyway)
+        rule = p.rule(rb, rh, qpos.clamp(max=t.q_len - 1), kpos.clamp(max=t.k_len - 1), t.params)
+        keep = keep & (full[:, :, :, None, :, None] | rule)
     if t.attn_mask is not None:
         am = t.attn_mask
         vals = am[b6.clamp(max=am.shape[0] - 1), h6.clamp(max=am.shape[1] - 1),

@@ -2,7 +2,8 @@
 
 from .base import Intersection, Pattern, Union
 from .interval import Full, IntervalPattern, SlidingWindow, causal, full, sliding_window
+from .selection import BlockSelection
 from .plan import EMPTY, FULL, PARTIAL, BlockPlan, plan_from_dense
 
 __all__ = ["Pattern", "Intersection", "Union", "IntervalPattern", "Full", "SlidingWindow",
-           "BlockPlan", "plan_from_dense", "EMPTY", "PARTIAL", "FULL", "causal", "full", "sliding_window"]
+           "BlockPlan", "BlockSelection", "plan_from_dense", "EMPTY", "PARTIAL", "FULL", "causal", "full", "sliding_window"]

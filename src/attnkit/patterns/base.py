@@ -10,7 +10,7 @@ A Pattern answers three questions without building an ``Lq x Lk`` tensor where i
   analytic for structured patterns.
 - ``to_dense(q_len, k_len)``: the mask itself, for tests and pictures only.
 
-Row index ``q`` and column index ``k`` are positions in the call's tensors; patterns that follow
+Engines evaluate the rule only at in-range positions (``0 <= q < Lq``, ``0 <= k < Lk``). Row index ``q`` and column index ``k`` are positions in the call's tensors; patterns that follow
 attnkit's bottom-right convention place query ``q`` at key position ``q + k_len - q_len``.
 Patterns compose with ``&`` and ``|``; ``heads`` / ``batch`` are set when the rule depends on
 the head or batch index (S2-Attention shards, document ids).
