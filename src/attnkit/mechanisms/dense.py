@@ -9,6 +9,8 @@ Backends: ``sdpa`` (torch picks its kernel), ``sdpa_cudnn`` / ``sdpa_flash`` / `
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -19,10 +21,14 @@ from ..registry import Method, MethodInfo, register
 from ..backends.dense import masked_softmax_attention
 
 
-def sdpa(call: AttentionCall) -> torch.Tensor:
-    """SDPA with attnkit's conventions (bottom-right causal, empty rows are zeros)."""
+def sdpa(call: AttentionCall, native_gqa: bool = True) -> torch.Tensor:
+    """SDPA with attnkit's conventions (bottom-right causal, empty rows are zeros).
+    ``native_gqa=False`` repeats K/V to the query heads for kernels without GQA support."""
     q, k, v = call.query, call.key, call.value
     gqa = call.group > 1
+    if gqa and not native_gqa:
+        k, v = call.expanded_kv()
+        gqa = False
     if call.attn_mask is None and (not call.is_causal or call.q_len == call.k_len):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=call.dropout_p, is_causal=call.is_causal,
                                               scale=call.scale, enable_gqa=gqa)
@@ -61,11 +67,15 @@ class SdpaEngine:
             return sdpa(call)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        caught: list = []
         try:
-            with sdpa_kernel(getattr(SDPBackend, self.kernel)):
-                return sdpa(call)
-        except RuntimeError as err:  # torch explains which constraint failed
-            raise BackendUnavailableError(f"SDPA kernel {self.kernel} cannot run this call: {err}") from err
+            with warnings.catch_warnings(record=True) as caught, sdpa_kernel(getattr(SDPBackend, self.kernel)):
+                warnings.simplefilter("always")
+                return sdpa(call, native_gqa=self.kernel != "EFFICIENT_ATTENTION")
+        except RuntimeError as err:  # torch's warnings say which constraint failed
+            why = "; ".join(str(w.message) for w in caught if "not used because" not in str(w.message))
+            raise BackendUnavailableError(
+                f"SDPA kernel {self.kernel} cannot run this call: {err} {why}".strip()) from err
 
 
 class OracleEngine:
