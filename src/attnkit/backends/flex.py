@@ -1,0 +1,474 @@
+"""The ``flex`` engine: a Pattern run by ``torch.nn.attention.flex_attention``, compiled.
+
+What reaches the kernel (Dong et al. 2024, "Flex Attention", arXiv:2412.05496; torch's
+``torch/nn/attention/flex_attention.py``):
+
+- the ``BlockMask`` comes from the pattern's analytic block plan (:meth:`Pattern.block_plan`),
+  never from ``create_block_mask`` over ``Lq x Lk``: partial tiles go to ``kv_num_blocks`` /
+  ``kv_indices`` (``mask_mod`` evaluated there), full tiles to ``full_kv_*`` (``mask_mod`` skipped),
+  and the query-side lists for the backward pass are the transposed plan;
+- ``mask_mod`` is the pattern's ``rule`` with the numbers of ``params(Lq, Lk)`` passed as 0-d
+  tensors (ints as int64, floats in the default float dtype, as eager torch would promote a Python
+  number), so every configuration of a pattern family runs the same compiled kernel and no
+  configuration can reuse another's mask. Bools, strings and None stay Python constants: they
+  choose code paths, and each value gets its own kernel (``causal`` on/off);
+- the call's ``attn_mask`` (bool: into ``mask_mod``, full tiles demoted to partial; float: added in
+  ``score_mod``), a non-default ``scale`` (a tensor ratio in ``score_mod``), and the MaskSpec's
+  ``score_mod(scores, b, h, q, k, *tensors)``, which flex evaluates element by element under
+  ``vmap`` (broadcasting torch code works unchanged).
+
+One compiled function per *variant* (pattern family = class tree, its static parameters, dtype,
+head dims, GQA, grad, mask kind, score_mod), each with its own code object so dynamo's recompile
+limit applies per variant; within a variant only shapes change (static once, then dynamic), and
+which of B, H, L, blocks equal 1 is part of the variant (dynamo specializes on size 1).
+
+Nothing falls back silently: a graph break raises (``fullgraph=True``), dynamo's recompile limit
+raises, an eager run of the kernel function (limit reached in a torch that falls back, or
+``torch.compiler`` set to eager) raises, and a recompile at unchanged input shapes — a rule or
+score_mod reading a configuration number as a Python constant — raises: all as
+:class:`~attnkit.errors.BackendUnavailableError` saying why. Rows with no visible key are 0 (flex
+sets their normalizer to 1 and their log-sum-exp to -inf, whose backward gives 0 gradients).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import types
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..call import AttentionCall
+from ..errors import BackendUnavailableError
+from ..patterns.base import Pattern
+from ..patterns.plan import EMPTY, FULL, PARTIAL
+from .mask_spec import MaskSpec
+
+CACHE_ENTRIES = 64  # parameter tensors and block masks kept per engine (LRU)
+CUDA_BLOCK_MULTIPLE = 128  # flex's Triton tiles must divide the sparse block
+
+
+# -- pattern parameters as kernel inputs -----------------------------------------------------
+def family_key(pattern: Pattern) -> tuple:
+    """The pattern's class tree: its class and, by attribute name, its sub-patterns."""
+    children = []
+    for name, value in sorted(vars(pattern).items()):
+        if isinstance(value, Pattern):
+            children.append((name, family_key(value)))
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(x, Pattern) for x in value):
+            children.append((name, tuple(family_key(x) for x in value)))
+    cls = type(pattern)
+    return (f"{cls.__module__}.{cls.__qualname__}", tuple(children))
+
+
+def _leaves(p: Any, path: tuple = ()):
+    """``(path, value)`` for every leaf of nested dicts / lists / tuples."""
+    if isinstance(p, dict):
+        for key in p:
+            yield from _leaves(p[key], path + (key,))
+    elif isinstance(p, (list, tuple)):
+        for i, x in enumerate(p):
+            yield from _leaves(x, path + (i,))
+    else:
+        yield path, p
+
+
+def _map_leaves(p: Any, fn, path: tuple = ()):
+    if isinstance(p, dict):
+        return {key: _map_leaves(v, fn, path + (key,)) for key, v in p.items()}
+    if isinstance(p, (list, tuple)):
+        return type(p)(_map_leaves(x, fn, path + (i,)) for i, x in enumerate(p))
+    return fn(path, p)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _as_tensor(x: Any, device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, bool) or not _is_number(x):
+        return x
+    dtype = torch.int64 if isinstance(x, int) else torch.get_default_dtype()
+    return torch.tensor(x, dtype=dtype, device=device)
+
+
+def static_key(p: dict) -> tuple:
+    """What a compiled kernel is specialized on: the structure of ``p``, its bools / strings /
+    None, and the kind (not the value) of its numbers and tensors."""
+    out = []
+    for path, x in _leaves(p):
+        if isinstance(x, torch.Tensor):
+            out.append((path, "tensor", x.dtype, x.dim()))
+        elif _is_number(x):
+            out.append((path, type(x).__name__))
+        elif isinstance(x, (bool, str, type(None))):
+            out.append((path, x))
+        else:
+            out.append((path, type(x).__qualname__, repr(x)))
+    return tuple(out)
+
+
+def value_key(p: dict) -> tuple:
+    """Every value of ``p`` (tensors by identity and version), for the caches."""
+    out = []
+    for path, x in _leaves(p):
+        if isinstance(x, torch.Tensor):
+            out.append((path, id(x), x._version, tuple(x.shape), x.dtype, str(x.device)))
+        else:
+            out.append((path, repr(x)))
+    return tuple(out)
+
+
+def probe_rule(pattern: Pattern, p: dict, q_len: int, k_len: int) -> str | None:
+    """None when ``pattern.rule`` accepts every number of ``p`` as a tensor, else why not.
+
+    Each number is batched under ``torch.func.vmap``: a rule that branches on it in Python,
+    converts it with ``int()`` / ``range()``, or uses it as a shape fails here, eagerly and in
+    microseconds, instead of inside the compiler."""
+    b = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    q = torch.arange(min(q_len, 4)).view(1, 1, -1, 1)
+    k = torch.arange(min(k_len, 4)).view(1, 1, 1, -1)
+    base = _map_leaves(p, lambda path, x: _as_tensor(x, "cpu") if not _is_number(x) else x)
+    for path, x in _leaves(p):
+        if not _is_number(x):
+            continue
+        batched = torch.stack([_as_tensor(x, "cpu")] * 2)
+
+        def rule_at(value, path=path):
+            params = _map_leaves(base, lambda pp, y: value if pp == path else _as_tensor(y, "cpu"))
+            return pattern.rule(b, h, q, k, params)
+
+        try:
+            torch.func.vmap(rule_at)(batched)
+        except Exception as err:  # noqa: BLE001 - any failure means: not tensor-safe
+            where = "".join(f"[{key!r}]" for key in path)
+            return (f"pattern {pattern.describe()}: its rule cannot take p{where}={x!r} as a tensor "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); flex passes "
+                    "numbers as tensors so one kernel serves every configuration. Fix the rule to use "
+                    "tensor ops (torch.where, clamp) on p values, or use backend='blocksparse'")
+    return None
+
+
+# -- block masks from block plans ------------------------------------------------------------
+@dataclass(frozen=True)
+class FlexBlocks:
+    """FlexAttention's block-mask tensors for one plan, all int32 and contiguous:
+    ``kv_num / kv_idx`` (partial tiles per query block, shape ``(Bp, Hp, nQ)`` / ``(Bp, Hp, nQ, nK)``),
+    ``full_kv_*`` (full tiles), ``q_num / q_idx`` and ``full_q_*`` (the transposed lists)."""
+
+    kv_num: torch.Tensor
+    kv_idx: torch.Tensor
+    full_kv_num: torch.Tensor
+    full_kv_idx: torch.Tensor
+    q_num: torch.Tensor
+    q_idx: torch.Tensor
+    full_q_num: torch.Tensor
+    full_q_idx: torch.Tensor
+    block: int
+    tile_density: float
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.kv_num, self.kv_idx, self.full_kv_num, self.full_kv_idx,
+                self.q_num, self.q_idx, self.full_q_num, self.full_q_idx)
+
+
+def _ordered(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the count and the ascending column indices of the True entries (padded with
+    the indices of the False ones, which the kernel never reads)."""
+    count = present.sum(-1, dtype=torch.int32)
+    index = torch.argsort((~present).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return count.contiguous(), index.contiguous()
+
+
+def blocks_from_states(states: torch.Tensor, block: int, demote_full: bool = False) -> FlexBlocks:
+    """Tile states ``(Bp, Hp, nQ, nK)`` (0 empty, 1 partial, 2 full) as FlexAttention lists.
+    ``demote_full`` treats full tiles as partial (the call's bool attn_mask still applies there)."""
+    partial = (states > EMPTY) if demote_full else (states == PARTIAL)
+    full = torch.zeros_like(partial) if demote_full else (states == FULL)
+    kv_num, kv_idx = _ordered(partial)
+    fkv_num, fkv_idx = _ordered(full)
+    q_num, q_idx = _ordered(partial.transpose(-1, -2))
+    fq_num, fq_idx = _ordered(full.transpose(-1, -2))
+    density = float((states > EMPTY).float().mean()) if states.numel() else 0.0
+    return FlexBlocks(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx, block, density)
+
+
+def build_blocks(pattern: Pattern, q_len: int, k_len: int, block: int, device,
+                 demote_full: bool = False) -> FlexBlocks:
+    """The block mask of ``pattern`` at these lengths, from its (analytic) block plan."""
+    plan = pattern.block_plan(q_len, k_len, block, device)
+    return blocks_from_states(plan.states.to(device), block, demote_full)
+
+
+# -- the compiled kernel ---------------------------------------------------------------------
+class _RanEagerly(RuntimeError):
+    """Raised by the kernel function when it runs outside dynamo (never traced into a graph)."""
+
+
+def _flex_kernel(q, k, v, blocks, pattern, params, batch_rule, head_rule, attn_mask, ratio,
+                 score_mod, mod_tensors, gqa, block):
+    """The function compiled per variant. Python arguments (pattern, flags, score_mod) are
+    constants of the variant; tensors (q, k, v, blocks, params, attn_mask, ratio, mod_tensors)
+    are graph inputs."""
+    if not torch.compiler.is_compiling():
+        raise _RanEagerly()
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    bool_mask = attn_mask is not None and attn_mask.dtype == torch.bool
+    float_mask = attn_mask is not None and not bool_mask
+
+    def mask_index(b, h, qi, ki):
+        am = attn_mask
+        return am[b if am.shape[0] > 1 else torch.zeros_like(b), h if am.shape[1] > 1 else torch.zeros_like(h),
+                  qi if am.shape[2] > 1 else torch.zeros_like(qi), ki if am.shape[3] > 1 else torch.zeros_like(ki)]
+
+    def mask_mod(b, h, qi, ki):
+        b, h, qi, ki = b.long(), h.long(), qi.long(), ki.long()
+        rb = b if batch_rule else torch.zeros_like(b)
+        rh = h if head_rule else torch.zeros_like(h)
+        keep = pattern.rule(rb, rh, qi, ki, params)
+        if bool_mask:
+            keep = keep & mask_index(b, h, qi, ki)
+        return keep
+
+    modded = ratio is not None or float_mask or score_mod is not None
+
+    def full_score_mod(s, b, h, qi, ki):
+        b, h, qi, ki = b.long(), h.long(), qi.long(), ki.long()
+        if ratio is not None:
+            s = s * ratio
+        if float_mask:
+            s = s + mask_index(b, h, qi, ki).to(s.dtype)
+        if score_mod is not None:
+            s = score_mod(s, b, h, qi, ki, *mod_tensors)
+        return s
+
+    kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx = blocks
+    block_mask = BlockMask(
+        seq_lengths=(q_len, k_len), kv_num_blocks=kv_num, kv_indices=kv_idx,
+        full_kv_num_blocks=fkv_num, full_kv_indices=fkv_idx, q_num_blocks=q_num, q_indices=q_idx,
+        full_q_num_blocks=fq_num, full_q_indices=fq_idx, BLOCK_SIZE=(block, block), mask_mod=mask_mod)
+    return flex_attention(q, k, v, score_mod=full_score_mod if modded else None, block_mask=block_mask,
+                          enable_gqa=gqa)
+
+
+class _Variant:
+    """One compiled kernel function (own code object) and its compile log."""
+
+    def __init__(self, key: tuple, index: int, strict: bool):
+        self.key = key
+        name = f"attnkit_flex_{index}"
+        code = _flex_kernel.__code__.replace(co_name=name)
+        if hasattr(code, "co_qualname"):
+            code = code.replace(co_qualname=name)
+        fn = types.FunctionType(code, _flex_kernel.__globals__, name)
+        self.strict = strict
+        self.compiles = 0
+        self.seconds = 0.0
+        self.signatures: list[str] = []
+        self.fn = torch.compile(fn, backend=self._backend, fullgraph=True)
+
+    def _backend(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        sig = repr([(tuple(t.shape), t.dtype, t.requires_grad) if isinstance(t, torch.Tensor) else type(t).__name__
+                    for t in example_inputs])
+        if self.strict and sig in self.signatures:
+            raise BackendUnavailableError(
+                f"the flex kernel for {self.key[0][0]} would recompile at unchanged input shapes "
+                f"(compile #{self.compiles + 1}): the pattern's rule or score_mod reads a configuration "
+                "number as a Python constant instead of from params(q_len, k_len) / the score_mod "
+                "tensors, so every configuration would compile again. Fix the pattern, or use "
+                "backend='blocksparse'.")
+        start = time.perf_counter()
+        try:
+            return compile_fx(gm, example_inputs)
+        finally:
+            self.compiles += 1
+            self.seconds += time.perf_counter() - start
+            self.signatures.append(sig)
+
+
+# -- the engine ------------------------------------------------------------------------------
+def flex_unavailable() -> str | None:
+    """Why this torch cannot run FlexAttention at all (None when it can)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return f"this torch ({torch.__version__}) has no torch.nn.attention.flex_attention (needs >= 2.5)"
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile (dynamo) is not supported on this Python / torch {torch.__version__}"
+    return None
+
+
+def _needs_grad(call: AttentionCall, spec: MaskSpec) -> bool:
+    ts = [call.query, call.key, call.value, *spec.mod_tensors]
+    if call.attn_mask is not None and call.attn_mask.is_floating_point():
+        ts.append(call.attn_mask)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+@dataclass
+class FlexEngine:
+    """FlexAttention over a pattern's block plan (see the module docstring).
+
+    ``strict`` (default True) raises when a variant would recompile at unchanged input shapes.
+    ``stats()`` lists the compiled variants with their compile counts and seconds."""
+
+    name: str = "flex"
+    compiles: bool = True  # compile-heavy: generic CPU tests skip it (tests/helpers.py)
+    strict: bool = True
+    _variants: dict = field(default_factory=dict, repr=False)
+    _params: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _blocks: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _probes: dict = field(default_factory=dict, repr=False)
+
+    # -- selection ----------------------------------------------------------------------
+    def can_run(self, call: AttentionCall, spec: MaskSpec) -> str | None:
+        why = flex_unavailable()
+        if why:
+            return why
+        dev = call.device.type
+        if dev not in ("cuda", "cpu"):
+            return f"FlexAttention runs here on CUDA and CPU; the inputs are on {call.device}"
+        if dev == "cuda":
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "FlexAttention on CUDA needs Triton, which is not installed"
+            if call.head_dim < 16 or call.value_dim < 16:
+                return (f"FlexAttention's Triton kernel needs head dims >= 16; got D={call.head_dim}, "
+                        f"Dv={call.value_dim}")
+            if spec.block % CUDA_BLOCK_MULTIPLE:
+                return (f"block_size={spec.block}: FlexAttention's CUDA tiles need a multiple of "
+                        f"{CUDA_BLOCK_MULTIPLE} (e.g. block_size=128)")
+        if call.dtype == torch.float64:
+            return ("float64: FlexAttention accumulates in float32, below float64 accuracy "
+                    "(use backend='blocksparse' or 'dense')")
+        if dev == "cpu" and _needs_grad(call, spec):
+            return (f"FlexAttention has no backward pass on CPU (torch {torch.__version__}); run under "
+                    "torch.no_grad() or use backend='blocksparse'")
+        if call.dropout_p > 0:
+            return "FlexAttention has no attention dropout (dropout_p > 0); use backend='dense'"
+        if call.attn_mask is not None and call.attn_mask.requires_grad:
+            return "attn_mask requires grad, which the flex engine does not differentiate (use backend='dense')"
+        return self._probe(spec.pattern, call.q_len, call.k_len)
+
+    def auto_skip(self, call: AttentionCall, spec: MaskSpec) -> str | None:
+        if call.device.type == "cpu":
+            return ("on CPU FlexAttention compiles each pattern family first (~25 s); auto picks "
+                    "blocksparse here, flex runs only when named (backend='flex')")
+        return None
+
+    def _probe(self, pattern: Pattern, q_len: int, k_len: int) -> str | None:
+        p = pattern.params(q_len, k_len)
+        key = (family_key(pattern), static_key(p))
+        if key not in self._probes:
+            self._probes[key] = probe_rule(pattern, p, q_len, k_len)
+        return self._probes[key]
+
+    # -- execution ----------------------------------------------------------------------
+    def run(self, call: AttentionCall, spec: MaskSpec) -> torch.Tensor:
+        pattern = spec.pattern
+        pattern.check_heads(call.batch, call.heads)
+        raw = pattern.params(call.q_len, call.k_len)
+        family = family_key(pattern)
+        params = self._device_params(family, raw, call.device)
+        bool_mask = call.attn_mask is not None and call.attn_mask.dtype == torch.bool
+        blocks = self.blocks(call, spec, family, raw, demote_full=bool_mask)
+        default_scale = 1.0 / math.sqrt(call.head_dim)
+        ratio = None
+        if call.scale != default_scale:
+            ratio = torch.tensor(call.scale / default_scale, dtype=torch.float32, device=call.device)
+        variant = self._variant(call, spec, family, raw, blocks)
+        try:
+            return variant.fn(call.query, call.key, call.value, blocks.tensors(), pattern, params,
+                              pattern.batch is not None, pattern.heads is not None, call.attn_mask, ratio,
+                              spec.score_mod, tuple(spec.mod_tensors), call.group > 1, blocks.block)
+        except _RanEagerly:
+            raise BackendUnavailableError(
+                f"the flex kernel for {pattern.describe()} was about to run eagerly (dynamo skipped "
+                "compiling it: recompile limit reached, torch.compiler set to eager, or compilation "
+                "disabled). attnkit refuses eager FlexAttention, which materializes Lq x Lk scores; use "
+                "backend='blocksparse'.") from None
+        except BackendUnavailableError:
+            raise
+        except Exception as err:
+            cause = err
+            while cause.__cause__ is not None and not isinstance(cause, BackendUnavailableError):
+                cause = cause.__cause__
+            if isinstance(cause, BackendUnavailableError):
+                raise cause from err
+            if type(err).__name__ == "FailOnRecompileLimitHit":
+                raise BackendUnavailableError(
+                    f"the flex kernel for {pattern.describe()} hit torch._dynamo's recompile limit "
+                    f"({torch._dynamo.config.recompile_limit}) after {variant.compiles} compiles; "
+                    "attnkit does not fall back to eager FlexAttention. Use backend='blocksparse'.") from err
+            if err.__class__.__module__.startswith(("torch._dynamo", "torch._inductor")):
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise BackendUnavailableError(
+                    f"FlexAttention could not compile {spec.describe()}: {first}. Use "
+                    "backend='blocksparse'.") from err
+            raise
+
+    def _device_params(self, family, raw: dict, device) -> dict:
+        key = (family, value_key(raw), str(device))
+        hit = self._params.get(key)
+        if hit is None:
+            hit = (_map_leaves(raw, lambda path, x: _as_tensor(x, device)), raw)  # keep raw alive
+            self._params[key] = hit
+            if len(self._params) > CACHE_ENTRIES:
+                self._params.popitem(last=False)
+        else:
+            self._params.move_to_end(key)
+        return hit[0]
+
+    def blocks(self, call: AttentionCall, spec: MaskSpec, family=None, raw=None,
+               demote_full: bool = False) -> FlexBlocks:
+        """The block mask for this call (cached by pattern family, parameters and sizes)."""
+        pattern = spec.pattern
+        family = family_key(pattern) if family is None else family
+        raw = pattern.params(call.q_len, call.k_len) if raw is None else raw
+        key = (family, pattern.describe(), value_key(raw), call.q_len, call.k_len, spec.block,
+               str(call.device), demote_full)
+        hit = self._blocks.get(key)
+        if hit is None:
+            hit = (build_blocks(pattern, call.q_len, call.k_len, spec.block, call.device, demote_full), raw)
+            self._blocks[key] = hit
+            if len(self._blocks) > CACHE_ENTRIES:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(key)
+        return hit[0]
+
+    def _variant(self, call: AttentionCall, spec: MaskSpec, family, raw: dict, blocks: FlexBlocks) -> _Variant:
+        mask = call.attn_mask
+        fn = spec.score_mod
+        ones = tuple(n == 1 for n in (call.batch, call.heads, call.kv_heads, call.q_len, call.k_len,
+                                      *blocks.kv_idx.shape))
+        key = (family, static_key(raw), str(call.device), call.dtype, call.head_dim, call.value_dim,
+               call.group > 1, _needs_grad(call, spec),
+               None if mask is None else (mask.dtype, tuple(s == 1 for s in mask.shape)),
+               call.scale != 1.0 / math.sqrt(call.head_dim),
+               None if fn is None else (getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)),
+                                        len(spec.mod_tensors)),
+               spec.block, ones)
+        variant = self._variants.get(key)
+        if variant is None:
+            variant = self._variants[key] = _Variant(key, len(self._variants), self.strict)
+        return variant
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Compiled variants: family, compiles and compile seconds (inductor only)."""
+        return [{"family": v.key[0], "dtype": str(v.key[3]), "compiles": v.compiles,
+                 "seconds": round(v.seconds, 3)} for v in self._variants.values()]
+
+    def total_compiles(self) -> int:
+        return sum(v.compiles for v in self._variants.values())
