@@ -1,5 +1,5 @@
 """Methods that are a Pattern: their options build a Pattern, and the shared mask engines
-(blocksparse, dense; flex on GPU) execute it. The oracle with the pattern's dense mask is their
+(flex, blocksparse, dense; auto takes flex on GPU, blocksparse on CPU) execute it. The oracle with the pattern's dense mask is their
 reference, so every pattern method is exact by construction and tested that way."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 
 from ..backends.blocksparse import BlockSparseEngine
 from ..backends.dense import DenseEngine
+from ..backends.flex import FlexEngine
 from ..backends.mask_spec import MaskSpec
 from ..call import AttentionCall
 from ..options import Option
@@ -17,7 +18,7 @@ from ..patterns.base import Pattern
 from ..reference import reference
 from ..registry import Method
 
-MASK_ENGINES = (BlockSparseEngine(), DenseEngine())
+MASK_ENGINES = (FlexEngine(), BlockSparseEngine(), DenseEngine())
 MASK_BACKENDS = tuple(e.name for e in MASK_ENGINES)
 
 BLOCK_SIZE = Option("block_size", "int", 128, "tile size of the blocksparse / flex engines "
