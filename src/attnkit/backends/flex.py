@@ -24,10 +24,12 @@ which of B, H, L, blocks equal 1 is part of the variant (dynamo specializes on s
 
 Nothing falls back silently: a graph break raises (``fullgraph=True``), dynamo's recompile limit
 raises, an eager run of the kernel function (limit reached in a torch that falls back, or
-``torch.compiler`` set to eager) raises, and a recompile at unchanged input shapes — a rule or
-score_mod reading a configuration number as a Python constant — raises: all as
+``torch.compiler`` set to eager) raises, and a recompile at input shapes the variant already ran —
+a rule or score_mod reading a configuration number as a Python constant — raises: all as
 :class:`~attnkit.errors.BackendUnavailableError` saying why. Rows with no visible key are 0 (flex
 sets their normalizer to 1 and their log-sum-exp to -inf, whose backward gives 0 gradients).
+On CPU (torch <= 2.13) FlexAttention is forward-only and compiles for ~25 s, so auto selection
+skips it there; on CUDA it is the first mask engine.
 """
 
 from __future__ import annotations
@@ -44,166 +46,12 @@ import torch
 from ..call import AttentionCall
 from ..errors import BackendUnavailableError
 from ..patterns.base import Pattern
-from ..patterns.plan import EMPTY, FULL, PARTIAL
+from .flex_inputs import (FlexBlocks, as_tensor, build_blocks, family_key, leaves, map_leaves, probe_rule,
+                          static_key, value_key)
 from .mask_spec import MaskSpec
 
 CACHE_ENTRIES = 64  # parameter tensors and block masks kept per engine (LRU)
 CUDA_BLOCK_MULTIPLE = 128  # flex's Triton tiles must divide the sparse block
-
-
-# -- pattern parameters as kernel inputs -----------------------------------------------------
-def family_key(pattern: Pattern) -> tuple:
-    """The pattern's class tree: its class and, by attribute name, its sub-patterns."""
-    children = []
-    for name, value in sorted(vars(pattern).items()):
-        if isinstance(value, Pattern):
-            children.append((name, family_key(value)))
-        elif isinstance(value, (list, tuple)) and value and all(isinstance(x, Pattern) for x in value):
-            children.append((name, tuple(family_key(x) for x in value)))
-    cls = type(pattern)
-    return (f"{cls.__module__}.{cls.__qualname__}", tuple(children))
-
-
-def _leaves(p: Any, path: tuple = ()):
-    """``(path, value)`` for every leaf of nested dicts / lists / tuples."""
-    if isinstance(p, dict):
-        for key in p:
-            yield from _leaves(p[key], path + (key,))
-    elif isinstance(p, (list, tuple)):
-        for i, x in enumerate(p):
-            yield from _leaves(x, path + (i,))
-    else:
-        yield path, p
-
-
-def _map_leaves(p: Any, fn, path: tuple = ()):
-    if isinstance(p, dict):
-        return {key: _map_leaves(v, fn, path + (key,)) for key, v in p.items()}
-    if isinstance(p, (list, tuple)):
-        return type(p)(_map_leaves(x, fn, path + (i,)) for i, x in enumerate(p))
-    return fn(path, p)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _as_tensor(x: Any, device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, bool) or not _is_number(x):
-        return x
-    dtype = torch.int64 if isinstance(x, int) else torch.get_default_dtype()
-    return torch.tensor(x, dtype=dtype, device=device)
-
-
-def static_key(p: dict) -> tuple:
-    """What a compiled kernel is specialized on: the structure of ``p``, its bools / strings /
-    None, and the kind (not the value) of its numbers and tensors."""
-    out = []
-    for path, x in _leaves(p):
-        if isinstance(x, torch.Tensor):
-            out.append((path, "tensor", x.dtype, x.dim()))
-        elif _is_number(x):
-            out.append((path, type(x).__name__))
-        elif isinstance(x, (bool, str, type(None))):
-            out.append((path, x))
-        else:
-            out.append((path, type(x).__qualname__, repr(x)))
-    return tuple(out)
-
-
-def value_key(p: dict) -> tuple:
-    """Every value of ``p`` (tensors by identity and version), for the caches."""
-    out = []
-    for path, x in _leaves(p):
-        if isinstance(x, torch.Tensor):
-            out.append((path, id(x), x._version, tuple(x.shape), x.dtype, str(x.device)))
-        else:
-            out.append((path, repr(x)))
-    return tuple(out)
-
-
-def probe_rule(pattern: Pattern, p: dict, q_len: int, k_len: int) -> str | None:
-    """None when ``pattern.rule`` accepts every number of ``p`` as a tensor, else why not.
-
-    Each number is batched under ``torch.func.vmap``: a rule that branches on it in Python,
-    converts it with ``int()`` / ``range()``, or uses it as a shape fails here, eagerly and in
-    microseconds, instead of inside the compiler."""
-    b = torch.zeros(1, 1, 1, 1, dtype=torch.long)
-    h = torch.zeros(1, 1, 1, 1, dtype=torch.long)
-    q = torch.arange(min(q_len, 4)).view(1, 1, -1, 1)
-    k = torch.arange(min(k_len, 4)).view(1, 1, 1, -1)
-    base = _map_leaves(p, lambda path, x: _as_tensor(x, "cpu") if not _is_number(x) else x)
-    for path, x in _leaves(p):
-        if not _is_number(x):
-            continue
-        batched = torch.stack([_as_tensor(x, "cpu")] * 2)
-
-        def rule_at(value, path=path):
-            params = _map_leaves(base, lambda pp, y: value if pp == path else _as_tensor(y, "cpu"))
-            return pattern.rule(b, h, q, k, params)
-
-        try:
-            torch.func.vmap(rule_at)(batched)
-        except Exception as err:  # noqa: BLE001 - any failure means: not tensor-safe
-            where = "".join(f"[{key!r}]" for key in path)
-            return (f"pattern {pattern.describe()}: its rule cannot take p{where}={x!r} as a tensor "
-                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); flex passes "
-                    "numbers as tensors so one kernel serves every configuration. Fix the rule to use "
-                    "tensor ops (torch.where, clamp) on p values, or use backend='blocksparse'")
-    return None
-
-
-# -- block masks from block plans ------------------------------------------------------------
-@dataclass(frozen=True)
-class FlexBlocks:
-    """FlexAttention's block-mask tensors for one plan, all int32 and contiguous:
-    ``kv_num / kv_idx`` (partial tiles per query block, shape ``(Bp, Hp, nQ)`` / ``(Bp, Hp, nQ, nK)``),
-    ``full_kv_*`` (full tiles), ``q_num / q_idx`` and ``full_q_*`` (the transposed lists)."""
-
-    kv_num: torch.Tensor
-    kv_idx: torch.Tensor
-    full_kv_num: torch.Tensor
-    full_kv_idx: torch.Tensor
-    q_num: torch.Tensor
-    q_idx: torch.Tensor
-    full_q_num: torch.Tensor
-    full_q_idx: torch.Tensor
-    block: int
-    tile_density: float
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.kv_num, self.kv_idx, self.full_kv_num, self.full_kv_idx,
-                self.q_num, self.q_idx, self.full_q_num, self.full_q_idx)
-
-
-def _ordered(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the count and the ascending column indices of the True entries (padded with
-    the indices of the False ones, which the kernel never reads)."""
-    count = present.sum(-1, dtype=torch.int32)
-    index = torch.argsort((~present).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return count.contiguous(), index.contiguous()
-
-
-def blocks_from_states(states: torch.Tensor, block: int, demote_full: bool = False) -> FlexBlocks:
-    """Tile states ``(Bp, Hp, nQ, nK)`` (0 empty, 1 partial, 2 full) as FlexAttention lists.
-    ``demote_full`` treats full tiles as partial (the call's bool attn_mask still applies there)."""
-    partial = (states > EMPTY) if demote_full else (states == PARTIAL)
-    full = torch.zeros_like(partial) if demote_full else (states == FULL)
-    kv_num, kv_idx = _ordered(partial)
-    fkv_num, fkv_idx = _ordered(full)
-    q_num, q_idx = _ordered(partial.transpose(-1, -2))
-    fq_num, fq_idx = _ordered(full.transpose(-1, -2))
-    density = float((states > EMPTY).float().mean()) if states.numel() else 0.0
-    return FlexBlocks(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx, block, density)
-
-
-def build_blocks(pattern: Pattern, q_len: int, k_len: int, block: int, device,
-                 demote_full: bool = False) -> FlexBlocks:
-    """The block mask of ``pattern`` at these lengths, from its (analytic) block plan."""
-    plan = pattern.block_plan(q_len, k_len, block, device)
-    return blocks_from_states(plan.states.to(device), block, demote_full)
 
 
 # -- the compiled kernel ---------------------------------------------------------------------
@@ -260,7 +108,12 @@ def _flex_kernel(q, k, v, blocks, pattern, params, batch_rule, head_rule, attn_m
 
 
 class _Variant:
-    """One compiled kernel function (own code object) and its compile log."""
+    """One compiled kernel function (own code object) and its compile log.
+
+    ``seen`` holds the concrete input shapes of calls that ran. A compile requested for shapes
+    already seen cannot come from the shapes: a guard on a Python value failed, i.e. a rule or
+    score_mod read a configuration number outside ``params`` — in strict mode that raises instead
+    of compiling once per configuration."""
 
     def __init__(self, key: tuple, index: int, strict: bool):
         self.key = key
@@ -272,28 +125,63 @@ class _Variant:
         self.strict = strict
         self.compiles = 0
         self.seconds = 0.0
-        self.signatures: list[str] = []
+        self.seen: set = set()
+        self.current = None
         self.fn = torch.compile(fn, backend=self._backend, fullgraph=True)
+
+    def __call__(self, shapes: tuple, *args):
+        self.current = shapes
+        out = self.fn(*args)
+        self.seen.add(shapes)
+        return out
 
     def _backend(self, gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
-        sig = repr([(tuple(t.shape), t.dtype, t.requires_grad) if isinstance(t, torch.Tensor) else type(t).__name__
-                    for t in example_inputs])
-        if self.strict and sig in self.signatures:
+        if self.strict and self.current in self.seen:
             raise BackendUnavailableError(
-                f"the flex kernel for {self.key[0][0]} would recompile at unchanged input shapes "
+                f"the flex kernel for {self.key[0][0]} would recompile at input shapes it already ran "
                 f"(compile #{self.compiles + 1}): the pattern's rule or score_mod reads a configuration "
                 "number as a Python constant instead of from params(q_len, k_len) / the score_mod "
                 "tensors, so every configuration would compile again. Fix the pattern, or use "
-                "backend='blocksparse'.")
+                "backend='blocksparse' (or FlexEngine(strict=False)).")
         start = time.perf_counter()
         try:
             return compile_fx(gm, example_inputs)
         finally:
             self.compiles += 1
             self.seconds += time.perf_counter() - start
-            self.signatures.append(sig)
+
+
+def _shapes(*trees) -> tuple:
+    """The concrete shapes (and grad flags) of every tensor in nested args."""
+    out = []
+    for tree in trees:
+        for _, x in leaves(tree):
+            if isinstance(x, torch.Tensor):
+                out.append((tuple(x.shape), x.requires_grad))
+            else:
+                out.append(type(x).__name__)
+    return tuple(out)
+
+
+def _our_error(err: BaseException) -> BackendUnavailableError | None:
+    """A BackendUnavailableError raised inside the compiler, which dynamo wraps."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, BackendUnavailableError):
+            return err
+        seen.add(id(err))
+        err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
+    return None
+
+
+def _global_state(device: torch.device) -> tuple:
+    """Global settings dynamo guards on, so that they select a variant instead of recompiling one."""
+    kind = device.type
+    autocast = torch.is_autocast_enabled(kind) if kind in ("cuda", "cpu") else False
+    return (autocast, torch.get_autocast_dtype(kind) if autocast else None,
+            torch.are_deterministic_algorithms_enabled(), torch.get_default_dtype())
 
 
 # -- the engine ------------------------------------------------------------------------------
@@ -319,7 +207,7 @@ def _needs_grad(call: AttentionCall, spec: MaskSpec) -> bool:
 class FlexEngine:
     """FlexAttention over a pattern's block plan (see the module docstring).
 
-    ``strict`` (default True) raises when a variant would recompile at unchanged input shapes.
+    ``strict`` (default True) raises when a variant would recompile at input shapes it already ran.
     ``stats()`` lists the compiled variants with their compile counts and seconds."""
 
     name: str = "flex"
@@ -385,13 +273,16 @@ class FlexEngine:
         blocks = self.blocks(call, spec, family, raw, demote_full=bool_mask)
         default_scale = 1.0 / math.sqrt(call.head_dim)
         ratio = None
-        if call.scale != default_scale:
-            ratio = torch.tensor(call.scale / default_scale, dtype=torch.float32, device=call.device)
+        if call.scale != default_scale:  # a cached device scalar: no host-to-device copy per call
+            ratio = self._device_params(("scale",), {"ratio": call.scale / default_scale}, call.device,
+                                        torch.float32)["ratio"]
         variant = self._variant(call, spec, family, raw, blocks)
         try:
-            return variant.fn(call.query, call.key, call.value, blocks.tensors(), pattern, params,
-                              pattern.batch is not None, pattern.heads is not None, call.attn_mask, ratio,
-                              spec.score_mod, tuple(spec.mod_tensors), call.group > 1, blocks.block)
+            tensors = (call.query, call.key, call.value, blocks.tensors(), params, call.attn_mask,
+                       tuple(spec.mod_tensors))
+            return variant(_shapes(*tensors), call.query, call.key, call.value, blocks.tensors(), pattern,
+                           params, pattern.batch is not None, pattern.heads is not None, call.attn_mask, ratio,
+                           spec.score_mod, tuple(spec.mod_tensors), call.group > 1, blocks.block)
         except _RanEagerly:
             raise BackendUnavailableError(
                 f"the flex kernel for {pattern.describe()} was about to run eagerly (dynamo skipped "
@@ -401,11 +292,9 @@ class FlexEngine:
         except BackendUnavailableError:
             raise
         except Exception as err:
-            cause = err
-            while cause.__cause__ is not None and not isinstance(cause, BackendUnavailableError):
-                cause = cause.__cause__
-            if isinstance(cause, BackendUnavailableError):
-                raise cause from err
+            ours = _our_error(err)
+            if ours is not None:
+                raise ours from err
             if type(err).__name__ == "FailOnRecompileLimitHit":
                 raise BackendUnavailableError(
                     f"the flex kernel for {pattern.describe()} hit torch._dynamo's recompile limit "
@@ -418,11 +307,11 @@ class FlexEngine:
                     "backend='blocksparse'.") from err
             raise
 
-    def _device_params(self, family, raw: dict, device) -> dict:
-        key = (family, value_key(raw), str(device))
+    def _device_params(self, family, raw: dict, device, float_dtype=None) -> dict:
+        key = (family, value_key(raw), str(device), float_dtype)
         hit = self._params.get(key)
         if hit is None:
-            hit = (_map_leaves(raw, lambda path, x: _as_tensor(x, device)), raw)  # keep raw alive
+            hit = (map_leaves(raw, lambda path, x: as_tensor(x, device, float_dtype)), raw)  # keep raw alive
             self._params[key] = hit
             if len(self._params) > CACHE_ENTRIES:
                 self._params.popitem(last=False)
@@ -459,7 +348,7 @@ class FlexEngine:
                call.scale != 1.0 / math.sqrt(call.head_dim),
                None if fn is None else (getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)),
                                         len(spec.mod_tensors)),
-               spec.block, ones)
+               spec.block, ones, _global_state(call.device))
         variant = self._variants.get(key)
         if variant is None:
             variant = self._variants[key] = _Variant(key, len(self._variants), self.strict)

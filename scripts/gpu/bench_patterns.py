@@ -1,0 +1,405 @@
+"""Structured patterns through attnkit's flex engine against dense SDPA and plain FlexAttention.
+
+For each case (sliding window +-256 and +-1024, 2-D and 3-D neighborhood, radial), in ONE run:
+forward and forward+backward milliseconds of
+
+- ``ak.attend(..., method=NAME, backend="flex")`` (block mask from the analytic block plan),
+- plain FlexAttention: ``torch.compile(flex_attention)`` with ``create_block_mask`` over the same
+  rule as ``mask_mod`` (the block mask built by evaluating the rule on the whole L x L grid),
+- dense SDPA with the cuDNN kernel and with the flash kernel (no mask; the same for every case),
+
+with the density (fraction of visible pairs, and of computed 128x128 tiles), effective TFLOP/s
+(``4 B H L^2 D x tile density`` forward, ``x 3.5`` forward+backward), block-mask build times and
+compile times apart from the run times, and the figure of merit ``(speedup over cuDNN) x tile
+density`` (1.0 = time proportional to the computed tiles; FlexAttention's own was 0.54 for a
++-256 window at L=32768 on an H200, /work/shared/perf/anchors.md).
+
+Timing: ``triton.testing.do_bench`` median (else CUDA events, median), warm-up and the first
+(compiling) call excluded, inputs rotated over several copies so no call reuses the previous
+one's cache lines.
+
+GPU (torch 2.11 + Triton 3.6, one H100/H200, ~5 minutes at the defaults):
+    PYTHONPATH=src python scripts/gpu/bench_patterns.py --out results/bench_patterns
+CPU smoke run (tiny sizes, forward only; flex has no backward on CPU):
+    PYTHONPATH=src python scripts/gpu/bench_patterns.py --device cpu --tiny --out /tmp/bench_patterns
+Options of a case can be replaced without editing this file, e.g.
+    --case-options '{"radial": {"frames": 16, "tokens_per_frame": 2048}}'
+Writes ``bench_patterns.json`` and ``bench_patterns.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import attnkit as ak
+from attnkit.backends.flex_inputs import as_tensor, build_blocks, map_leaves
+
+BLOCK = 128
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def case_options(L: int, tiny: bool) -> dict[str, tuple[str, dict]]:
+    """Case name -> (registered method, options) for sequence length L."""
+    w_small, w_large = (16, 64) if tiny else (256, 1024)
+    side2 = 32 if tiny else 256
+    side3 = 8 if tiny else 64
+    per_frame = 64 if tiny else 1024
+    return {
+        f"window_{w_small}": ("sliding_window", {"left": w_small, "right": w_small}),
+        f"window_{w_large}": ("sliding_window", {"left": w_large, "right": w_large}),
+        "neighborhood_2d": ("neighborhood", {"grid": (L // side2, side2),
+                                             "kernel_size": (7, 7) if tiny else (17, 17)}),
+        "neighborhood_3d": ("neighborhood", {"grid": (L // side3 ** 2, side3, side3),
+                                             "kernel_size": (3, 5, 5) if tiny else (3, 15, 15)}),
+        "radial": ("radial", {"frames": L // per_frame, "tokens_per_frame": per_frame}),
+    }
+
+
+# -- timing ----------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn, device: str, reps: int) -> float:
+    """Median milliseconds of ``fn()`` after warm-up (the caller has already compiled it)."""
+    if device == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        except ImportError:
+            pass
+    for _ in range(3):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def first_call_s(fn, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+class Rotation:
+    """``sets`` independent (q, k, v) copies, handed out in turn; fixed upstream gradient."""
+
+    def __init__(self, B, H, L, D, dtype, device, sets, grad):
+        g = torch.Generator(device=device).manual_seed(0)
+        self.sets = [tuple(torch.randn(B, H, L, D, generator=g, device=device, dtype=dtype).requires_grad_(grad)
+                           for _ in range(3)) for _ in range(sets)]
+        self.dout = torch.randn(B, H, L, D, generator=g, device=device, dtype=dtype)
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.sets)
+        return self.sets[self.i]
+
+
+def forward(fn, rot: Rotation):
+    def run():
+        with torch.no_grad():
+            return fn(*rot.next())
+    return run
+
+
+def forward_backward(fn, rot: Rotation):
+    def run():
+        q, k, v = rot.next()
+        out = fn(q, k, v)
+        return torch.autograd.grad(out, (q, k, v), rot.dout)
+    return run
+
+
+# -- densities ------------------------------------------------------------------------------
+def pair_density(pattern, L: int, device: str, rows_per_chunk: int = 1 << 24) -> float:
+    """Fraction of visible (query, key) pairs, evaluating the rule in chunks of query rows."""
+    p = map_leaves(pattern.params(L, L), lambda path, x: x.to(device) if isinstance(x, torch.Tensor) else x)
+    Bp, Hp = pattern.batch or 1, pattern.heads or 1
+    rows = max(1, rows_per_chunk // (L * Bp * Hp))
+    total = 0
+    for start in range(0, L, rows):
+        b, h, q, k = pattern.index_grid(L, L, device, start, min(L, start + rows))
+        total += int(pattern.rule(b, h, q, k, p).expand(Bp, Hp, q.shape[2], L).sum())
+    return total / (L * L * Bp * Hp)
+
+
+# -- one case ------------------------------------------------------------------------------
+def plain_flex(pattern, L: int, device: str):
+    """torch.compile(flex_attention) with create_block_mask over the pattern's rule (numbers as
+    captured tensors). Returns (fn, block-mask build ms)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    params = map_leaves(pattern.params(L, L), lambda path, x: as_tensor(x, device))
+
+    def mask_mod(b, h, q, k):
+        zero = torch.zeros_like(b)
+        return pattern.rule(b if pattern.batch else zero, h if pattern.heads else zero, q, k, params)
+
+    B = pattern.batch
+    H = pattern.heads
+    create_block_mask(mask_mod, B, H, L, L, device=device, BLOCK_SIZE=BLOCK)  # warm-up
+    times = []
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        mask = create_block_mask(mask_mod, B, H, L, L, device=device, BLOCK_SIZE=BLOCK)
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    compiled = torch.compile(flex_attention, fullgraph=True)
+    return (lambda q, k, v: compiled(q, k, v, block_mask=mask)), statistics.median(times)
+
+
+def run_case(name, method, options, args, dense, rot_f, rot_b) -> dict:
+    device, L = args.device, args.L
+    q0 = rot_f.sets[0][0]
+    try:
+        spec = ak.explain(q0, q0, q0, method=method, backend="flex", **options).plan
+    except ak.AttnkitError as err:  # unknown method, bad options, flex cannot run
+        return {"case": name, "method": method, "options": options, "skipped": f"{type(err).__name__}: {err}"}
+    pattern = spec.pattern
+    row: dict = {"case": name, "method": method, "options": options, "pattern": pattern.describe()}
+    times = []
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        blocks = build_blocks(pattern, L, L, BLOCK, device)
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    row["block_mask_ms"] = statistics.median(times)
+    row["tile_density"] = blocks.tile_density
+    row["pair_density"] = pair_density(pattern, L, device)
+
+    def ours(q, k, v):
+        return ak.attend(q, k, v, method=method, backend="flex", **options)
+
+    flops = 4 * args.B * args.H * L * L * args.D * row["tile_density"]
+    row["compile_fwd_s"] = first_call_s(forward(ours, rot_f), device)
+    row["fwd_ms"] = bench_ms(forward(ours, rot_f), device, args.reps)
+    row["compile_fwd_s"] = max(0.0, row["compile_fwd_s"] - row["fwd_ms"] / 1e3)
+    row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+    ref = dense.get("fwd_ms")
+    if ref:
+        row["fwd_speedup"] = ref / row["fwd_ms"]
+        row["fwd_merit"] = row["fwd_speedup"] * row["tile_density"]
+        row["fwd_merit_pairs"] = row["fwd_speedup"] * row["pair_density"]
+    if rot_b is not None:
+        row["compile_fwdbwd_s"] = first_call_s(forward_backward(ours, rot_b), device)
+        row["fwdbwd_ms"] = bench_ms(forward_backward(ours, rot_b), device, args.reps)
+        row["compile_fwdbwd_s"] = max(0.0, row["compile_fwdbwd_s"] - row["fwdbwd_ms"] / 1e3)
+        row["fwdbwd_tflops"] = 3.5 * flops / row["fwdbwd_ms"] / 1e9
+        ref = dense.get("fwdbwd_ms")
+        if ref:
+            row["fwdbwd_speedup"] = ref / row["fwdbwd_ms"]
+            row["fwdbwd_merit"] = row["fwdbwd_speedup"] * row["tile_density"]
+    if not args.no_plain_flex:
+        fn, row["plain_block_mask_ms"] = plain_flex(pattern, L, device)
+        row["plain_compile_fwd_s"] = first_call_s(forward(fn, rot_f), device)
+        row["plain_fwd_ms"] = bench_ms(forward(fn, rot_f), device, args.reps)
+        row["plain_compile_fwd_s"] = max(0.0, row["plain_compile_fwd_s"] - row["plain_fwd_ms"] / 1e3)
+        with torch.no_grad():
+            a, b = ours(*rot_f.sets[0]), fn(*rot_f.sets[0])
+        row["max_abs_diff_vs_plain"] = float((a.float() - b.float()).abs().max())
+        if rot_b is not None:
+            row["plain_compile_fwdbwd_s"] = first_call_s(forward_backward(fn, rot_b), device)
+            row["plain_fwdbwd_ms"] = bench_ms(forward_backward(fn, rot_b), device, args.reps)
+            row["plain_compile_fwdbwd_s"] = max(0.0, row["plain_compile_fwdbwd_s"] - row["plain_fwdbwd_ms"] / 1e3)
+    return row
+
+
+def dense_baselines(args, rot_f, rot_b) -> dict:
+    """cuDNN and flash SDPA (CUDA), or torch's default SDPA (CPU); the first one that runs is the
+    reference of the speedups."""
+    device = args.device
+    kernels = ["sdpa_cudnn", "sdpa_flash"] if device == "cuda" else ["sdpa"]
+    out: dict = {"kernels": {}}
+    for name in kernels:
+        fn = lambda q, k, v, name=name: ak.attend(q, k, v, backend=name)  # noqa: E731
+        row = {}
+        try:
+            row["fwd_ms"] = bench_ms(forward(fn, rot_f), device, args.reps)
+            if rot_b is not None:
+                row["fwdbwd_ms"] = bench_ms(forward_backward(fn, rot_b), device, args.reps)
+        except ak.AttnkitError as err:
+            row["skipped"] = str(err)
+        flops = 4 * args.B * args.H * args.L ** 2 * args.D
+        if "fwd_ms" in row:
+            row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+        if "fwdbwd_ms" in row:
+            row["fwdbwd_tflops"] = 3.5 * flops / row["fwdbwd_ms"] / 1e9
+        out["kernels"][name] = row
+        if "reference" not in out and "fwd_ms" in row:
+            out.update(reference=name, fwd_ms=row["fwd_ms"], fwdbwd_ms=row.get("fwdbwd_ms"))
+    return out
+
+
+# -- report --------------------------------------------------------------------------------
+def fmt(x, digits=3):
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)
+
+
+def markdown(result: dict) -> str:
+    env, cfg, dense = result["environment"], result["config"], result["dense"]
+    lines = [f"# Structured patterns: flex engine vs dense SDPA vs plain FlexAttention",
+             "", f"{env['device_name']}; torch {env['torch']}, triton {env['triton']}; "
+             f"B={cfg['B']} H={cfg['H']} L={cfg['L']} D={cfg['D']} {cfg['dtype']}; block {BLOCK}; "
+             f"timer {env['timer']} (median). Speedups and merit against `{dense.get('reference')}`.", "",
+             "| dense kernel | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s |", "|---|---|---|---|---|"]
+    for name, row in dense["kernels"].items():
+        if "skipped" in row:
+            lines.append(f"| {name} | skipped: {row['skipped'][:80]} | | | |")
+        else:
+            lines.append(f"| {name} | {fmt(row.get('fwd_ms'))} | {fmt(row.get('fwdbwd_ms'))} | "
+                         f"{fmt(row.get('fwd_tflops'))} | {fmt(row.get('fwdbwd_tflops'))} |")
+    lines += ["", "| case | pairs | tiles | fwd ms | fwd TFLOP/s | fwd speedup | fwd merit | fwd+bwd ms | "
+              "fwd+bwd TFLOP/s | fwd+bwd speedup | fwd+bwd merit | plain flex fwd / fwd+bwd ms | "
+              "block mask ms (ours / plain) | compile s (fwd / fwd+bwd) |",
+              "|" + "---|" * 14]
+    for row in result["cases"]:
+        if "skipped" in row:
+            lines.append(f"| {row['case']} | skipped: {row['skipped'][:120]} |" + " |" * 12)
+            continue
+        lines.append(
+            f"| {row['case']} | {fmt(row['pair_density'])} | {fmt(row['tile_density'])} | {fmt(row['fwd_ms'])} | "
+            f"{fmt(row['fwd_tflops'])} | {fmt(row.get('fwd_speedup'))} | {fmt(row.get('fwd_merit'), 2)} | "
+            f"{fmt(row.get('fwdbwd_ms'))} | {fmt(row.get('fwdbwd_tflops'))} | {fmt(row.get('fwdbwd_speedup'))} | "
+            f"{fmt(row.get('fwdbwd_merit'), 2)} | {fmt(row.get('plain_fwd_ms'))} / {fmt(row.get('plain_fwdbwd_ms'))} | "
+            f"{fmt(row['block_mask_ms'])} / {fmt(row.get('plain_block_mask_ms'))} | "
+            f"{fmt(row['compile_fwd_s'], 2)} / {fmt(row.get('compile_fwdbwd_s'), 2)} |")
+    for note in result["notes"]:
+        lines.append(f"\n- {note}")
+    return "\n".join(lines) + "\n"
+
+
+def environment(device: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    try:
+        from triton.testing import do_bench  # noqa: F401
+
+        timer = "triton.testing.do_bench" if device == "cuda" else "perf_counter"
+    except ImportError:
+        timer = "CUDA events" if device == "cuda" else "perf_counter"
+    return {"device_name": name, "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda, "python": sys.version.split()[0], "timer": timer}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true", help="L=512, H=2, D=16 (CPU smoke run)")
+    ap.add_argument("--L", type=int, default=None, help="sequence length (default 32768; tiny 512)")
+    ap.add_argument("--B", type=int, default=1)
+    ap.add_argument("--H", type=int, default=None, help="heads (default 16; tiny 2)")
+    ap.add_argument("--D", type=int, default=None, help="head dim (default 128; tiny 16)")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 (cuda), fp32 (cpu)")
+    ap.add_argument("--cases", nargs="*", default=None, help="case names (default: all)")
+    ap.add_argument("--case-options", default=None, help="JSON: case name -> options replacing the defaults")
+    ap.add_argument("--no-backward", action="store_true", help="forward only")
+    ap.add_argument("--no-plain-flex", action="store_true", help="skip the plain FlexAttention baseline")
+    ap.add_argument("--sets", type=int, default=3, help="rotated input copies")
+    ap.add_argument("--reps", type=int, default=20, help="timed calls when do_bench is not used")
+    ap.add_argument("--out", required=True, help="output directory")
+    args = ap.parse_args(argv)
+    args.L = args.L or (512 if args.tiny else 32768)
+    args.H = args.H or (2 if args.tiny else 16)
+    args.D = args.D or (16 if args.tiny else 128)
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device; use --device cpu --tiny for a smoke run")
+    cases = case_options(args.L, args.tiny)
+    overrides = json.loads(args.case_options) if args.case_options else {}
+    for name, opts in overrides.items():
+        if name not in cases:
+            raise SystemExit(f"--case-options: unknown case {name!r}; cases are {sorted(cases)}")
+        cases[name] = (cases[name][0], opts)
+    chosen = args.cases if args.cases is not None else list(cases)
+    unknown = [c for c in chosen if c not in cases]
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; cases are {sorted(cases)}")
+    env = environment(args.device)
+    print(f"device: {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
+          f"cuda {env['cuda']} | timer {env['timer']}", flush=True)
+    # plain flex_attention compiles once per case and per grad mode: a raised limit, and a hard
+    # error instead of dynamo's silent eager fallback (anchors.md, pitfall 2)
+    config = torch._dynamo.config
+    patch = {"recompile_limit": max(getattr(config, "recompile_limit", 8), 64), "fail_on_recompile_limit_hit": True}
+    with config.patch({k: v for k, v in patch.items() if hasattr(config, k)}):
+        result = run_all(args, env, cases, chosen)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_patterns.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "bench_patterns.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {out / 'bench_patterns.json'} and {out / 'bench_patterns.md'} "
+          f"in {result['total_seconds']:.0f} s", flush=True)
+    return result
+
+
+def run_all(args, env: dict, cases: dict, chosen: list[str]) -> dict:
+    t_start = time.perf_counter()
+    dtype = DTYPES[args.dtype]
+    backward = not args.no_backward and args.device == "cuda"
+    notes = []
+    if not backward and not args.no_backward:
+        notes.append("forward+backward skipped: FlexAttention has no backward pass on CPU")
+    rot_f = Rotation(args.B, args.H, args.L, args.D, dtype, args.device, args.sets, grad=False)
+    rot_b = Rotation(args.B, args.H, args.L, args.D, dtype, args.device, args.sets, grad=True) if backward else None
+    dense = dense_baselines(args, rot_f, rot_b)
+    print("dense:", json.dumps(dense["kernels"]), flush=True)
+    rows = []
+    for name in chosen:
+        method, opts = cases[name]
+        t0 = time.perf_counter()
+        row = run_case(name, method, opts, args, dense, rot_f, rot_b)
+        row["case_seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        if "skipped" in row:
+            print(f"{name}: skipped — {row['skipped']}", flush=True)
+        else:
+            print(f"{name}: tiles {row['tile_density']:.4f} fwd {row['fwd_ms']:.3f} ms "
+                  f"merit {row.get('fwd_merit', float('nan')):.2f} "
+                  f"fwd+bwd {row.get('fwdbwd_ms', float('nan')):.3f} ms ({row['case_seconds']:.0f} s)", flush=True)
+    return {"environment": env, "config": {k: getattr(args, k) for k in ("B", "H", "L", "D", "dtype", "device")},
+            "dense": dense, "cases": rows, "notes": notes, "total_seconds": time.perf_counter() - t_start}
+
+
+if __name__ == "__main__":
+    main()
