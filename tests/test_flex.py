@@ -153,6 +153,44 @@ def test_one_kernel_serves_every_configuration():
     assert FLEX.total_compiles() - before == 1
 
 
+@pytest.mark.slow
+def test_attn_masks_scale_score_mod_decode_and_bf16():
+    """Each a kernel variant of its own: bool attn_mask (+ scale), float attn_mask with fully
+    masked rows, a vectorized relative-bias score_mod, one-token decode, bfloat16."""
+    from attnkit.mechanisms.pattern_method import _bias_of
+
+    q, k, v = (t.to(DEVICE) for t in inputs(B=2, H=2, Hkv=2, Lq=90, D=16, dtype=torch.float32))
+    window = ak.patterns.sliding_window(31).to_dense(90, 90, device=DEVICE)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    am = torch.rand(2, 1, 90, 90, device=DEVICE) > 0.3
+    got = _attend(q, k, v, attn_mask=am, scale=0.3, method="sliding_window", window=31)
+    assert rel_err(got, ak.reference(q64, k64, v64, mask=am & window, scale=0.3)) <= TOL32
+    fm = torch.randn(1, 2, 90, 90, device=DEVICE)
+    fm[0, 0, :5] = float("-inf")
+    got = _attend(q, k, v, attn_mask=fm, method="sliding_window", window=31)
+    assert rel_err(got, ak.reference(q64, k64, v64, mask=window, bias=fm.double())) <= TOL32
+    assert float(got[:, 0, :5].abs().max()) == 0.0
+
+    table = torch.randn(2, 179, device=DEVICE)
+
+    def rel_bias(s, b, h, qi, ki, t):
+        return s + t[h, qi - ki + 89]
+
+    call = AttentionCall.build(q, k, v)
+    spec = MaskSpec(ak.patterns.sliding_window(31), rel_bias, (table,), 128)
+    with torch.no_grad():
+        got = FLEX.run(call, spec)
+    assert rel_err(got, ak.reference(q64, k64, v64, mask=window, bias=_bias_of(call, spec))) <= TOL32
+
+    q1 = q[:, :, -1:]
+    got = _attend(q1, k, v, is_causal=True, method="sliding_window", window=5)
+    assert rel_err(got, truth("sliding_window", q1, k, v, is_causal=True, window=5)) <= TOL32
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    got = _attend(qb, kb, vb, method="sliding_window", window=31)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, truth("sliding_window", qb, kb, vb, is_causal=False, window=31)) < 1e-2
+
+
 def _pattern_methods():
     return [i.name for i in ak.methods() if any(e.name == "flex" for e in get_method(i.name).engines())]
 

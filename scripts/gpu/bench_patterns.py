@@ -161,12 +161,15 @@ def plain_flex(pattern, L: int, device: str):
 
     B = pattern.batch
     H = pattern.heads
-    create_block_mask(mask_mod, B, H, L, L, device=device, BLOCK_SIZE=BLOCK)  # warm-up
+    # compiled mask creation (torch's advice at long L: the eager path materializes L x L
+    # intermediates); the first call compiles and is not timed
+    fused = device == "cuda"
+    create_block_mask(mask_mod, B, H, L, L, device=device, BLOCK_SIZE=BLOCK, _compile=fused)
     times = []
     for _ in range(3):
         sync(device)
         t0 = time.perf_counter()
-        mask = create_block_mask(mask_mod, B, H, L, L, device=device, BLOCK_SIZE=BLOCK)
+        mask = create_block_mask(mask_mod, B, H, L, L, device=device, BLOCK_SIZE=BLOCK, _compile=fused)
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     compiled = torch.compile(flex_attention, fullgraph=True)
@@ -216,18 +219,27 @@ def run_case(name, method, options, args, dense, rot_f, rot_b) -> dict:
             row["fwdbwd_speedup"] = ref / row["fwdbwd_ms"]
             row["fwdbwd_merit"] = row["fwdbwd_speedup"] * row["tile_density"]
     if not args.no_plain_flex:
-        fn, row["plain_block_mask_ms"] = plain_flex(pattern, L, device)
-        row["plain_compile_fwd_s"] = first_call_s(forward(fn, rot_f), device)
-        row["plain_fwd_ms"] = bench_ms(forward(fn, rot_f), device, args.reps)
-        row["plain_compile_fwd_s"] = max(0.0, row["plain_compile_fwd_s"] - row["plain_fwd_ms"] / 1e3)
-        with torch.no_grad():
-            a, b = ours(*rot_f.sets[0]), fn(*rot_f.sets[0])
-        row["max_abs_diff_vs_plain"] = float((a.float() - b.float()).abs().max())
-        if rot_b is not None:
-            row["plain_compile_fwdbwd_s"] = first_call_s(forward_backward(fn, rot_b), device)
-            row["plain_fwdbwd_ms"] = bench_ms(forward_backward(fn, rot_b), device, args.reps)
-            row["plain_compile_fwdbwd_s"] = max(0.0, row["plain_compile_fwdbwd_s"] - row["plain_fwdbwd_ms"] / 1e3)
+        try:
+            plain_baseline(row, ours, pattern, args, rot_f, rot_b)
+        except Exception as err:  # noqa: BLE001 - record it; the other numbers stand
+            row["plain_error"] = f"{type(err).__name__}: {str(err)[:300]}"
     return row
+
+
+def plain_baseline(row, ours, pattern, args, rot_f, rot_b) -> None:
+    """Plain FlexAttention numbers into ``row``, and its largest difference from ours."""
+    device, L = args.device, args.L
+    fn, row["plain_block_mask_ms"] = plain_flex(pattern, L, device)
+    row["plain_compile_fwd_s"] = first_call_s(forward(fn, rot_f), device)
+    row["plain_fwd_ms"] = bench_ms(forward(fn, rot_f), device, args.reps)
+    row["plain_compile_fwd_s"] = max(0.0, row["plain_compile_fwd_s"] - row["plain_fwd_ms"] / 1e3)
+    with torch.no_grad():
+        a, b = ours(*rot_f.sets[0]), fn(*rot_f.sets[0])
+    row["max_abs_diff_vs_plain"] = float((a.float() - b.float()).abs().max())
+    if rot_b is not None:
+        row["plain_compile_fwdbwd_s"] = first_call_s(forward_backward(fn, rot_b), device)
+        row["plain_fwdbwd_ms"] = bench_ms(forward_backward(fn, rot_b), device, args.reps)
+        row["plain_compile_fwdbwd_s"] = max(0.0, row["plain_compile_fwdbwd_s"] - row["plain_fwdbwd_ms"] / 1e3)
 
 
 def dense_baselines(args, rot_f, rot_b) -> dict:
@@ -280,11 +292,11 @@ def markdown(result: dict) -> str:
                          f"{fmt(row.get('fwd_tflops'))} | {fmt(row.get('fwdbwd_tflops'))} |")
     lines += ["", "| case | pairs | tiles | fwd ms | fwd TFLOP/s | fwd speedup | fwd merit | fwd+bwd ms | "
               "fwd+bwd TFLOP/s | fwd+bwd speedup | fwd+bwd merit | plain flex fwd / fwd+bwd ms | "
-              "block mask ms (ours / plain) | compile s (fwd / fwd+bwd) |",
-              "|" + "---|" * 14]
+              "block mask ms (ours / plain) | compile s (fwd / fwd+bwd) | max abs diff vs plain |",
+              "|" + "---|" * 15]
     for row in result["cases"]:
         if "skipped" in row:
-            lines.append(f"| {row['case']} | skipped: {row['skipped'][:120]} |" + " |" * 12)
+            lines.append(f"| {row['case']} | skipped: {row['skipped'][:120]} |" + " |" * 13)
             continue
         lines.append(
             f"| {row['case']} | {fmt(row['pair_density'])} | {fmt(row['tile_density'])} | {fmt(row['fwd_ms'])} | "
@@ -292,9 +304,13 @@ def markdown(result: dict) -> str:
             f"{fmt(row.get('fwdbwd_ms'))} | {fmt(row.get('fwdbwd_tflops'))} | {fmt(row.get('fwdbwd_speedup'))} | "
             f"{fmt(row.get('fwdbwd_merit'), 2)} | {fmt(row.get('plain_fwd_ms'))} / {fmt(row.get('plain_fwdbwd_ms'))} | "
             f"{fmt(row['block_mask_ms'])} / {fmt(row.get('plain_block_mask_ms'))} | "
-            f"{fmt(row['compile_fwd_s'], 2)} / {fmt(row.get('compile_fwdbwd_s'), 2)} |")
+            f"{fmt(row['compile_fwd_s'], 2)} / {fmt(row.get('compile_fwdbwd_s'), 2)} | "
+            f"{fmt(row.get('max_abs_diff_vs_plain'), 2)} |")
     for note in result["notes"]:
         lines.append(f"\n- {note}")
+    for row in result["cases"]:
+        if "plain_error" in row:
+            lines.append(f"\n- {row['case']}: plain FlexAttention failed: {row['plain_error']}")
     return "\n".join(lines) + "\n"
 
 
@@ -331,6 +347,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-plain-flex", action="store_true", help="skip the plain FlexAttention baseline")
     ap.add_argument("--sets", type=int, default=3, help="rotated input copies")
     ap.add_argument("--reps", type=int, default=20, help="timed calls when do_bench is not used")
+    ap.add_argument("--budget-s", type=float, default=270.0,
+                    help="start no new case after this many seconds (the run stays under ~6 min on one H100)")
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
     args.L = args.L or (512 if args.tiny else 32768)
@@ -388,7 +406,18 @@ def run_all(args, env: dict, cases: dict, chosen: list[str]) -> dict:
     for name in chosen:
         method, opts = cases[name]
         t0 = time.perf_counter()
-        row = run_case(name, method, opts, args, dense, rot_f, rot_b)
+        if t0 - t_start > args.budget_s:
+            rows.append({"case": name, "method": method, "options": opts,
+                         "skipped": f"time budget ({args.budget_s:.0f} s) spent; run it with --cases {name}"})
+            print(f"{name}: skipped — time budget spent", flush=True)
+            continue
+        try:
+            row = run_case(name, method, opts, args, dense, rot_f, rot_b)
+        except Exception as err:  # noqa: BLE001 - one failing case must not lose the run
+            row = {"case": name, "method": method, "options": opts,
+                   "skipped": f"failed: {type(err).__name__}: {str(err)[:300]}"}
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
         row["case_seconds"] = time.perf_counter() - t0
         rows.append(row)
         if "skipped" in row:

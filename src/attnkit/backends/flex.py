@@ -153,16 +153,10 @@ class _Variant:
             self.seconds += time.perf_counter() - start
 
 
-def _shapes(*trees) -> tuple:
-    """The concrete shapes (and grad flags) of every tensor in nested args."""
-    out = []
-    for tree in trees:
-        for _, x in leaves(tree):
-            if isinstance(x, torch.Tensor):
-                out.append((tuple(x.shape), x.requires_grad))
-            else:
-                out.append(type(x).__name__)
-    return tuple(out)
+def _shapes(tensors, params_shapes: tuple, blocks: FlexBlocks) -> tuple:
+    """The concrete input shapes (and grad flags) of one call: what a compile may depend on."""
+    return (tuple((tuple(t.shape), t.requires_grad) if t is not None else None for t in tensors),
+            params_shapes, blocks.shapes)
 
 
 def _our_error(err: BaseException) -> BackendUnavailableError | None:
@@ -257,7 +251,7 @@ class FlexEngine:
 
     def _probe(self, pattern: Pattern, q_len: int, k_len: int) -> str | None:
         p = pattern.params(q_len, k_len)
-        key = (family_key(pattern), static_key(p))
+        key = (family_key(pattern), static_key(leaves(p)))
         if key not in self._probes:
             self._probes[key] = probe_rule(pattern, p, q_len, k_len)
         return self._probes[key]
@@ -267,22 +261,24 @@ class FlexEngine:
         pattern = spec.pattern
         pattern.check_heads(call.batch, call.heads)
         raw = pattern.params(call.q_len, call.k_len)
-        family = family_key(pattern)
-        params = self._device_params(family, raw, call.device)
+        flat = leaves(raw)
+        family, values = family_key(pattern), value_key(flat)
+        params, params_shapes = self._device_params((family, values), raw, call.device)
         bool_mask = call.attn_mask is not None and call.attn_mask.dtype == torch.bool
-        blocks = self.blocks(call, spec, family, raw, demote_full=bool_mask)
+        blocks = self._cached_blocks(call, spec, (family, pattern.describe(), values), bool_mask, raw)
         default_scale = 1.0 / math.sqrt(call.head_dim)
         ratio = None
         if call.scale != default_scale:  # a cached device scalar: no host-to-device copy per call
-            ratio = self._device_params(("scale",), {"ratio": call.scale / default_scale}, call.device,
-                                        torch.float32)["ratio"]
-        variant = self._variant(call, spec, family, raw, blocks)
+            ratio_value = call.scale / default_scale
+            ratio = self._device_params(("scale", ratio_value), {"r": ratio_value}, call.device,
+                                        torch.float32)[0]["r"]
+        variant = self._variant(call, spec, family, static_key(flat), blocks)
+        mods = tuple(spec.mod_tensors)
+        shapes = _shapes((call.query, call.key, call.value, call.attn_mask, *mods), params_shapes, blocks)
         try:
-            tensors = (call.query, call.key, call.value, blocks.tensors(), params, call.attn_mask,
-                       tuple(spec.mod_tensors))
-            return variant(_shapes(*tensors), call.query, call.key, call.value, blocks.tensors(), pattern,
-                           params, pattern.batch is not None, pattern.heads is not None, call.attn_mask, ratio,
-                           spec.score_mod, tuple(spec.mod_tensors), call.group > 1, blocks.block)
+            return variant(shapes, call.query, call.key, call.value, blocks.tensors(), pattern, params,
+                           pattern.batch is not None, pattern.heads is not None, call.attn_mask, ratio,
+                           spec.score_mod, mods, call.group > 1, blocks.block)
         except _RanEagerly:
             raise BackendUnavailableError(
                 f"the flex kernel for {pattern.describe()} was about to run eagerly (dynamo skipped "
@@ -307,29 +303,35 @@ class FlexEngine:
                     "backend='blocksparse'.") from err
             raise
 
-    def _device_params(self, family, raw: dict, device, float_dtype=None) -> dict:
-        key = (family, value_key(raw), str(device), float_dtype)
+    def _device_params(self, key: tuple, raw: dict, device, float_dtype=None) -> tuple[dict, tuple]:
+        """``raw`` with numbers as device tensors, and the shapes of its tensors (cached)."""
+        key = (key, str(device), float_dtype)
         hit = self._params.get(key)
         if hit is None:
-            hit = (map_leaves(raw, lambda path, x: as_tensor(x, device, float_dtype)), raw)  # keep raw alive
-            self._params[key] = hit
+            params = map_leaves(raw, lambda path, x: as_tensor(x, device, float_dtype))
+            shapes = tuple(tuple(x.shape) for _, x in leaves(params) if isinstance(x, torch.Tensor))
+            hit = self._params[key] = (params, shapes, raw)  # raw keeps tensor ids in the key valid
             if len(self._params) > CACHE_ENTRIES:
                 self._params.popitem(last=False)
         else:
             self._params.move_to_end(key)
-        return hit[0]
+        return hit[0], hit[1]
 
-    def blocks(self, call: AttentionCall, spec: MaskSpec, family=None, raw=None,
-               demote_full: bool = False) -> FlexBlocks:
+    def blocks(self, call: AttentionCall, spec: MaskSpec, demote_full: bool = False) -> FlexBlocks:
         """The block mask for this call (cached by pattern family, parameters and sizes)."""
         pattern = spec.pattern
-        family = family_key(pattern) if family is None else family
-        raw = pattern.params(call.q_len, call.k_len) if raw is None else raw
-        key = (family, pattern.describe(), value_key(raw), call.q_len, call.k_len, spec.block,
-               str(call.device), demote_full)
+        raw = pattern.params(call.q_len, call.k_len)
+        key = (family_key(pattern), pattern.describe(), value_key(leaves(raw)))
+        return self._cached_blocks(call, spec, key, demote_full, raw)
+
+    def _cached_blocks(self, call: AttentionCall, spec: MaskSpec, key: tuple, demote_full: bool,
+                       raw: dict) -> FlexBlocks:
+        key = (key, call.q_len, call.k_len, spec.block, str(call.device), demote_full)
         hit = self._blocks.get(key)
         if hit is None:
-            hit = (build_blocks(pattern, call.q_len, call.k_len, spec.block, call.device, demote_full), raw)
+            pattern = spec.pattern
+            hit = (build_blocks(pattern, call.q_len, call.k_len, spec.block, call.device, demote_full),
+                   raw)  # raw keeps the tensor ids in the key valid
             self._blocks[key] = hit
             if len(self._blocks) > CACHE_ENTRIES:
                 self._blocks.popitem(last=False)
@@ -337,12 +339,13 @@ class FlexEngine:
             self._blocks.move_to_end(key)
         return hit[0]
 
-    def _variant(self, call: AttentionCall, spec: MaskSpec, family, raw: dict, blocks: FlexBlocks) -> _Variant:
+    def _variant(self, call: AttentionCall, spec: MaskSpec, family: tuple, static: tuple,
+                 blocks: FlexBlocks) -> _Variant:
         mask = call.attn_mask
         fn = spec.score_mod
         ones = tuple(n == 1 for n in (call.batch, call.heads, call.kv_heads, call.q_len, call.k_len,
                                       *blocks.kv_idx.shape))
-        key = (family, static_key(raw), str(call.device), call.dtype, call.head_dim, call.value_dim,
+        key = (family, static, str(call.device), call.dtype, call.head_dim, call.value_dim,
                call.group > 1, _needs_grad(call, spec),
                None if mask is None else (mask.dtype, tuple(s == 1 for s in mask.shape)),
                call.scale != 1.0 / math.sqrt(call.head_dim),

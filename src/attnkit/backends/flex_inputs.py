@@ -34,16 +34,22 @@ def family_key(pattern: Pattern) -> tuple:
     return (f"{cls.__module__}.{cls.__qualname__}", tuple(children))
 
 
-def leaves(p: Any, path: tuple = ()):
-    """``(path, value)`` for every leaf of nested dicts / lists / tuples."""
+def leaves(p: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
+    """``(path, value)`` for every leaf of nested dicts / lists / tuples, in order."""
+    out: list = []
+    _collect(p, path, out)
+    return out
+
+
+def _collect(p: Any, path: tuple, out: list) -> None:
     if isinstance(p, dict):
-        for key in p:
-            yield from leaves(p[key], path + (key,))
+        for key, x in p.items():
+            _collect(x, path + (key,), out)
     elif isinstance(p, (list, tuple)):
         for i, x in enumerate(p):
-            yield from leaves(x, path + (i,))
+            _collect(x, path + (i,), out)
     else:
-        yield path, p
+        out.append((path, p))
 
 
 def map_leaves(p: Any, fn, path: tuple = ()):
@@ -69,11 +75,11 @@ def as_tensor(x: Any, device, float_dtype: torch.dtype | None = None) -> Any:
     return torch.tensor(x, dtype=dtype, device=device)
 
 
-def static_key(p: dict) -> tuple:
-    """What a compiled kernel is specialized on: the structure of ``p``, its bools / strings /
-    None, and the kind (not the value) of its numbers and tensors."""
+def static_key(flat: list) -> tuple:
+    """What a compiled kernel is specialized on, from ``leaves(p)``: the structure of ``p``, its
+    bools / strings / None, and the kind (not the value) of its numbers and tensors."""
     out = []
-    for path, x in leaves(p):
+    for path, x in flat:
         if isinstance(x, torch.Tensor):
             out.append((path, "tensor", x.dtype, x.dim()))
         elif is_number(x):
@@ -85,10 +91,10 @@ def static_key(p: dict) -> tuple:
     return tuple(out)
 
 
-def value_key(p: dict) -> tuple:
-    """Every value of ``p`` (tensors by identity and version), for the caches."""
+def value_key(flat: list) -> tuple:
+    """Every value of ``leaves(p)`` (tensors by identity and version), for the caches."""
     out = []
-    for path, x in leaves(p):
+    for path, x in flat:
         if isinstance(x, torch.Tensor):
             out.append((path, id(x), x._version, tuple(x.shape), x.dtype, str(x.device)))
         else:
@@ -143,6 +149,10 @@ class FlexBlocks:
     full_q_num: torch.Tensor
     full_q_idx: torch.Tensor
     block: int
+
+    @property
+    def shapes(self) -> tuple:
+        return tuple(tuple(t.shape) for t in self.tensors())
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.kv_num, self.kv_idx, self.full_kv_num, self.full_kv_idx,
