@@ -131,13 +131,29 @@ def relative_score_mod(offset: int, center: int, scale: float):
         band = band * valid.unsqueeze(-1).to(band.dtype)
         qrows = query[b, h, q.clamp(0, query.shape[2] - 1)]  # (..., D); engines may pass padding rows
         qrows = qrows.view(*((1,) * (len(shape) + 1 - qrows.dim())), *qrows.shape)
-        qe = (qrows.unsqueeze(-2) @ band.transpose(-1, -2)).squeeze(-2)  # (..., width)
-        full = torch.broadcast_shapes(qe.shape[:-1], d.shape)
-        pick = (d - lo).expand(full).unsqueeze(-1)
-        rel = torch.gather(qe.expand(*full, width), -1, pick).squeeze(-1)
-        return scores + scale * rel.to(scores.dtype)
+        if inner is None:
+            qe = (qrows.unsqueeze(-2) @ band.transpose(-1, -2)).squeeze(-2)  # (..., width)
+        else:  # the tile's rows form the matrix: (rows, D) @ (D, width), no broadcast copies
+            rows_d = qrows.movedim(inner, -2)
+            qe = (rows_d @ band.movedim(inner, -3).squeeze(-3).transpose(-1, -2)).movedim(-2, inner)
+        return scores + scale * _pick(qe, d - lo).to(scores.dtype)
 
     return score_mod
+
+
+def _pick(qe: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``qe[..., pos]`` broadcast: ``qe (*rows, width)`` holds one band per row, ``pos`` the column of
+    every pair. The dims only the keys span are flattened last so the gather never expands ``qe``."""
+    full = torch.broadcast_shapes(qe.shape[:-1], pos.shape)
+    n = len(full)
+    key_dims = [i for i in range(n) if qe.shape[i] == 1 and full[i] > 1]
+    row_dims = [i for i in range(n) if i not in key_dims]
+    rows = [full[i] for i in row_dims]
+    src = qe.expand(*full[:0], *[full[i] if i in row_dims else 1 for i in range(n)], qe.shape[-1])
+    src = src.permute(*row_dims, *key_dims, n).reshape(*rows, qe.shape[-1])
+    idx = pos.expand(full).permute(*row_dims, *key_dims).reshape(*rows, -1)
+    out = torch.gather(src, -1, idx).view(*rows, *[full[i] for i in key_dims])
+    return out.permute(*torch.argsort(torch.tensor(row_dims + key_dims)).tolist())
 
 
 def _size(t: torch.Tensor, dim: int, ndim: int) -> int:
