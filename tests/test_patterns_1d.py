@@ -21,7 +21,6 @@ import attnkit as ak
 from attnkit.api import _dispatch
 from attnkit.call import PATTERNS
 from attnkit.patterns import plan_from_dense
-from attnkit.registry import get_method
 from helpers import inputs, rel_err
 
 NAMES = ["s2", "shifted_groups", "sink_groups", "sinks", "prefix_lm", "document", "relative"]
@@ -39,7 +38,8 @@ def draw_options(name, data, *, Lq, Lk, B, H, Hkv, D, causal):
     if name == "s2":
         homo = data.draw(st.booleans())
         return {**block, "sparse_block_size": ints(1, 9), "vert_stride": ints(1, 6), "homo_head": homo,
-                "local_blocks": data.draw(st.one_of(st.integers(1, 4), st.tuples(st.integers(1, 3), st.integers(1, 3)))),
+                "local_blocks": data.draw(st.one_of(st.integers(1, 4), st.tuples(st.integers(1, 3),
+                                                                                     st.integers(1, 3)))),
                 "num_dense_heads": 0 if homo else ints(0, Hkv), "head_sliding_offset": ints(0, 6),
                 "head_sliding_step": data.draw(st.one_of(st.none(), st.integers(1, 4))),
                 "vert_position_type": data.draw(st.sampled_from([None, "absolute", "relative"]))}
@@ -82,7 +82,8 @@ def draw_documents(data, Lq, Lk, B):
     rows = data.draw(st.sampled_from([1, B]))
     if Lq > Lk or (Lq != Lk and data.draw(st.booleans())):
         q_ids = torch.randint(0, 3, (rows, Lq)) if rows > 1 else torch.randint(0, 3, (Lq,))
-        return {"q_document_ids": q_ids, "k_document_ids": torch.randint(0, 3, (data.draw(st.sampled_from([1, rows])), Lk))}
+        k_rows = data.draw(st.sampled_from([1, rows]))
+        return {"q_document_ids": q_ids, "k_document_ids": torch.randint(0, 3, (k_rows, Lk))}
     N = Lk + data.draw(st.integers(0, 4))
     how = data.draw(st.sampled_from(["runs", "random", "lengths", "lengths_tensor"]))
     if how == "random":
@@ -241,7 +242,11 @@ DECODE = [("sinks", {"sinks": 2, "window": 5}), ("sinks", {"sinks": 0, "window":
 DECODE = [(name, {**opts, "block_size": 16}) for name, opts in DECODE]
 
 
-@pytest.mark.parametrize("name,opts", DECODE, ids=lambda x: x if isinstance(x, str) else "-".join(map(str, list(x.values())[:-1])))
+def _decode_id(x):
+    return x if isinstance(x, str) else "-".join(map(str, list(x.values())[:-1]))
+
+
+@pytest.mark.parametrize("name,opts", DECODE, ids=_decode_id)
 def test_decode_reproduces_prefill_rows(name, opts):
     torch.manual_seed(0)
     if name == "relative":

@@ -151,7 +151,7 @@ class Document(Pattern):
         k_ids = p["k_ids"][:, :k_len]
         meet = _shared_ids(q_ids, k_ids, block_q, block_k)
         if p["causal"]:
-            qf, ql = query_tiles(q_len, k_len, block_q, device)
+            _, ql = query_tiles(q_len, k_len, block_q, device)
             ks, _ = key_tiles(k_len, block_k, device)
             meet = meet & (ks <= ql[:, None])
         tiles = torch.where(meet, PARTIAL, EMPTY).to(torch.int8).unsqueeze(1)

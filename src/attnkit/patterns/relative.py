@@ -72,7 +72,8 @@ def skew_unmasked(x: torch.Tensor) -> torch.Tensor:
     return flat.reshape(*x.shape[:-2], L + 1, 2 * L - 1)[..., :L, L - 1:]
 
 
-def relative_logits(query: torch.Tensor, table: torch.Tensor, sides: str, k_len: int | None = None) -> torch.Tensor:
+def relative_logits(query: torch.Tensor, table: torch.Tensor, sides: str,
+                    k_len: int | None = None) -> torch.Tensor:
     """``q_i . E[j - i]`` for every query ``(B, H, Lq, D)`` and key, ``(B, H, Lq, Lk)``, by skewing
     (unscaled). ``sides="left"`` entries with ``j > i`` are undefined (the causal mask removes them).
     Queries sit bottom-right (``i = q + Lk - Lq``); for ``Lq < Lk`` they are padded to ``Lk`` rows."""
@@ -87,7 +88,8 @@ def relative_logits(query: torch.Tensor, table: torch.Tensor, sides: str, k_len:
     return out[:, :, L - Lq:]
 
 
-def relative_logits_gather(query: torch.Tensor, table: torch.Tensor, sides: str, k_len: int | None = None) -> torch.Tensor:
+def relative_logits_gather(query: torch.Tensor, table: torch.Tensor, sides: str,
+                           k_len: int | None = None) -> torch.Tensor:
     """The definition, pair by pair (``O(Lq Lk D)`` memory): ``q_i . E[j - i + center]``, 0 off the
     table (including ``j > i`` for ``sides="left"``)."""
     B, H, Lq, D = query.shape

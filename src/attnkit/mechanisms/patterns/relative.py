@@ -7,7 +7,9 @@ tile through a score modification (memory follows the tile). Table layouts, scal
 confirmed in tensor2tensor are documented in :mod:`attnkit.patterns.relative`.
 
 Cross-attention: the relative distance needs one position axis, so only the KV-cache case is
-supported (causal, queries at the last Lq positions), which is what decoding uses.
+supported (causal, queries at the last Lq positions), which is what decoding uses. The table is the
+caller's tensor (a functional method): to train it inside ``ak.nn.Attention(..., method="relative",
+embeddings=E)``, make ``E`` an ``nn.Parameter`` registered on your own module.
 """
 
 from __future__ import annotations
