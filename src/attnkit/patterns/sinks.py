@@ -4,7 +4,7 @@ a sliding window of the last ``window`` keys, causal::
     visible(i, j) = j <= i  and  (j < sinks  or  j > i - window)
 
 with ``i`` the bottom-right aligned query position. The window includes the query itself: the
-official cache (mit-han-lab/streaming-llm @ 2e50426, ``streaming_llm/kv_cache.py``,
+official cache (mit-han-lab/streaming-llm, ``streaming_llm/kv_cache.py`` read at d729b3f,
 ``StartRecentKVCache.evict_for_space(past, num_coming)``) keeps ``recent_size - num_coming`` old
 tokens before appending the new one, so a decoding token sees ``start_size`` sinks and
 ``recent_size`` recent keys counting itself (``window`` = ``recent_size``, ``sinks`` =
