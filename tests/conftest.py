@@ -10,7 +10,10 @@ settings.register_profile("thorough", max_examples=60, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("ATTNKIT_HYPOTHESIS", "default"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# pytest-xdist workers share the cores: oversubscribed intra-op threads spin (a tiny einsum took
+# 10 ms with 2 threads per worker under `-n 2` on 2 cores, 0.04 ms with 1)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(autouse=True)

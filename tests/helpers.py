@@ -66,5 +66,8 @@ def runnable_backends(name, q, k, v, is_causal, **opts):
     return [n for n, r in why.candidates if (r is None or "only when named" in r) and n not in heavy]
 
 
-def sample(name: str, seed: int, Lq: int, Lk: int) -> dict:
-    return get_method(name).sample_options(np.random.default_rng(seed), Lq, Lk)
+def sample(name: str, seed: int, Lq: int, Lk: int, **shape: int) -> dict:
+    """Random options of ``name`` for these lengths; ``shape`` (heads, kv_heads, head_dim) reaches
+    methods whose ``sample_options`` asks for it."""
+    impl = get_method(name)
+    return impl.sample_options(np.random.default_rng(seed), Lq, Lk, **impl.sample_shape_keywords(**shape))

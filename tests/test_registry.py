@@ -51,7 +51,7 @@ def test_backends_match_truth(name, pattern, dtype):
     for seed in range(3):
         Lq, Lk = shape_for(pattern, 63, 41 + 10 * seed)
         q, k, v = inputs(Lq=Lq, Lk=Lk, Dv=32, dtype=dtype, seed=seed)
-        opts = sample(name, seed, Lq, Lk)
+        opts = sample(name, seed, Lq, Lk, heads=4, kv_heads=2, head_dim=48)
         want = truth(name, q, k, v, is_causal=causal, **opts)
         for backend in runnable_backends(name, q, k, v, causal, **opts):
             got = ak.attend(q, k, v, is_causal=causal, enable_gqa=True, method=name, backend=backend, **opts)
@@ -64,7 +64,7 @@ def test_backends_match_truth(name, pattern, dtype):
 def test_gradients_match_reference(name, pattern):
     causal = pattern.startswith("causal")
     Lq, Lk = shape_for(pattern, 21, 13)
-    opts = sample(name, 7, Lq, Lk)
+    opts = sample(name, 7, Lq, Lk, heads=2, kv_heads=1, head_dim=8)
     q, k, v = inputs(B=1, H=2, Hkv=1, Lq=Lq, Lk=Lk, D=8, Dv=6, grad=True, seed=3)
     impl = get_method(name)
     ref = truth(name, q, k, v, is_causal=causal, **opts) if impl.info.kind != "exact" else None
@@ -96,7 +96,7 @@ def test_gradcheck_float64(name):
     pattern = claimed(name)[0]
     causal = pattern.startswith("causal")
     Lq, Lk = shape_for(pattern, 7, 5)
-    opts = sample(name, 1, Lq, Lk)
+    opts = sample(name, 1, Lq, Lk, heads=2, kv_heads=1, head_dim=4)
     q, k, v = inputs(B=1, H=2, Hkv=1, Lq=Lq, Lk=Lk, D=4, grad=True, seed=5)
     fn = lambda q, k, v: ak.attend(q, k, v, is_causal=causal, enable_gqa=True, method=name, **opts)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
@@ -115,7 +115,8 @@ def test_awkward_shapes(name, shape):
     for causal in (False, True):
         pattern = ("causal" if causal else "noncausal") + ("-self" if shape["Lq"] == shape["Lk"] else "-cross")
         q, k, v = inputs(**{"B": 2, "H": 4, "Hkv": 2, **shape})
-        opts = sample(name, 11, shape["Lq"], shape["Lk"])
+        opts = sample(name, 11, shape["Lq"], shape["Lk"], heads=q.shape[1], kv_heads=k.shape[1],
+                      head_dim=q.shape[3])
         if pattern not in info.patterns:
             with pytest.raises(ak.UnsupportedPatternError, match=name):
                 ak.attend(q, k, v, is_causal=causal, enable_gqa=True, method=name, **opts)
@@ -129,7 +130,7 @@ def test_bfloat16(name, pattern):
     causal = pattern.startswith("causal")
     Lq, Lk = shape_for(pattern, 63, 50)
     q, k, v = inputs(Lq=Lq, Lk=Lk, dtype=torch.bfloat16, seed=2)
-    opts = sample(name, 2, Lq, Lk)
+    opts = sample(name, 2, Lq, Lk, heads=4, kv_heads=2, head_dim=48)
     got = ak.attend(q, k, v, is_causal=causal, enable_gqa=True, method=name, **opts)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     assert rel_err(got, truth(name, q, k, v, is_causal=causal, **opts)) < 5e-2
@@ -141,7 +142,7 @@ def test_causal_leak(name, pattern):
     outputs of earlier queries."""
     Lq, Lk = shape_for(pattern, 40, 52)
     off = Lk - Lq
-    opts = sample(name, 4, Lq, Lk)
+    opts = sample(name, 4, Lq, Lk, heads=4, kv_heads=2, head_dim=48)
     q, k, v = inputs(Lq=Lq, Lk=Lk, seed=9)
     base = ak.attend(q, k, v, is_causal=True, enable_gqa=True, method=name, **opts)
     for t in (0, Lq // 2, Lq - 2):
@@ -162,7 +163,7 @@ def test_two_configurations_in_one_process(name):
         k, v = k[:, :, :29], v[:, :, :29]
     outs = []
     for seed in (21, 22, 21):
-        opts = sample(name, seed, q.shape[2], k.shape[2])
+        opts = sample(name, seed, q.shape[2], k.shape[2], heads=4, kv_heads=4, head_dim=48)
         got = ak.attend(q, k, v, is_causal=causal, method=name, **opts)
         assert rel_err(got, truth(name, q, k, v, is_causal=causal, **opts)) <= tol(name, torch.float64)
         outs.append(got)
@@ -175,7 +176,7 @@ def test_decode_equals_forward(name):
     if "causal-self" not in info.patterns:
         pytest.skip("decode is for causal self-attention")
     torch.manual_seed(0)
-    opts = sample(name, 3, 19, 19)
+    opts = sample(name, 3, 19, 19, heads=4, kv_heads=2, head_dim=8)
     layer = ak.nn.Attention(32, 4, kv_heads=2, method=name, causal=True, rope=True, **opts).double()
     x = torch.randn(2, 19, 32, dtype=torch.float64)
     full = layer(x)
@@ -197,7 +198,7 @@ def test_property_random_shapes_and_options(name, data):
     D = data.draw(st.sampled_from([4, 8, 12]))
     seed = data.draw(st.integers(0, 2**16))
     q, k, v = inputs(B=data.draw(st.integers(1, 2)), H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, seed=seed)
-    opts = sample(name, seed, Lq, Lk)
+    opts = sample(name, seed, Lq, Lk, heads=H, kv_heads=Hkv, head_dim=D)
     got = ak.attend(q, k, v, is_causal=causal, enable_gqa=True, method=name, **opts)
     assert rel_err(got, truth(name, q, k, v, is_causal=causal, **opts)) <= tol(name, torch.float64)
     del info

@@ -66,7 +66,8 @@ def check_method(name: str, *, seed: int = 0, configs: int = 2, device: str = "c
         causal = pattern.startswith("causal")
         for _ in range(configs):
             q, k, v = _inputs(pattern, gen, torch.float64, device)
-            opts = impl.sample_options(rng, q.shape[2], k.shape[2])
+            shape = impl.sample_shape_keywords(heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3])
+            opts = impl.sample_options(rng, q.shape[2], k.shape[2], **shape)
             args = (q, k, v, None, 0.0, causal, None, True, name, "auto", None, opts)
             _, call, _, why = _dispatch(*args)
             if info.kind == "exact":

@@ -53,7 +53,9 @@ def reference(query, key, value, *, mask=None, bias=None, is_causal=False, scale
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     denom = p.sum(-1, keepdim=True)
-    out = (p @ v) / denom.clamp_min(torch.finfo(torch.float64).tiny)
+    # empty rows: denom == 0 (else >= 1); divide them by 1, not by a tiny clamp whose reciprocal
+    # overflows the backward pass (0 * inf = NaN in the value gradient)
+    out = (p @ v) / torch.where(denom > 0, denom, torch.ones_like(denom))
     if return_lse:
         lse = (m + torch.log(denom)).squeeze(-1)
         return out, lse

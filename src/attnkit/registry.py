@@ -107,6 +107,9 @@ class Method:
     - ``oracle_inputs(call)`` gives (mask, bias) for exact methods: the method equals
       ``ak.reference`` with them.
     - ``sample_options(rng, q_len, k_len)`` draws a random valid configuration for property tests.
+      A method whose options are tensors sized by the model (e.g. embeddings ``(H, R, D)``) may add
+      keyword parameters ``heads`` / ``kv_heads`` / ``head_dim``: callers that know the sizes pass
+      those the signature names (see ``sample_shape_keywords``).
     """
 
     info: MethodInfo
@@ -128,6 +131,15 @@ class Method:
 
     def sample_options(self, rng: np.random.Generator, q_len: int, k_len: int) -> dict[str, Any]:
         return {}
+
+    def sample_shape_keywords(self, **shape: int) -> dict[str, int]:
+        """The entries of ``shape`` (heads, kv_heads, head_dim) that ``sample_options`` accepts."""
+        import inspect
+
+        params = inspect.signature(self.sample_options).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return dict(shape)
+        return {k: v for k, v in shape.items() if k in params}
 
     def build_layer(self, *, dim: int, heads: int, kv_heads: int, head_dim: int, causal: bool,
                     cross: bool, context_dim: int | None, **options: Any):

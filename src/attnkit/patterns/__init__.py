@@ -7,3 +7,14 @@ from .plan import EMPTY, FULL, PARTIAL, BlockPlan, plan_from_dense
 
 __all__ = ["Pattern", "Intersection", "Union", "IntervalPattern", "Full", "SlidingWindow",
            "BlockPlan", "BlockSelection", "plan_from_dense", "EMPTY", "PARTIAL", "FULL", "causal", "full", "sliding_window"]
+
+# 1D exact patterns: S2-Attention, LongLoRA / SinkLoRA groups, StreamingLLM sinks, prefix LM,
+# packed documents; Music Transformer relative-position logits (a score modification)
+from .prefix import Document, PrefixLM, document, prefix_lm  # noqa: E402
+from .relative import relative_logits, relative_logits_gather  # noqa: E402
+from .shifted import ShiftedGroups, shifted_groups, sink_groups  # noqa: E402
+from .sinks import Sinks, sinks  # noqa: E402
+from .strided import S2, s2  # noqa: E402
+
+__all__ += ["S2", "s2", "ShiftedGroups", "shifted_groups", "sink_groups", "Sinks", "sinks", "PrefixLM",
+            "prefix_lm", "Document", "document", "relative_logits", "relative_logits_gather"]
