@@ -133,14 +133,14 @@ class GridPattern(Pattern):
     # -- rule ------------------------------------------------------------------------------
     def coords(self, idx, p) -> list:
         """Row-major coordinates of token indices (one tensor per dimension)."""
-        return [(idx // p["pitch"][d]) % p["shape"][d] for d in range(self.rank)]
+        return [(idx // p["pitch"][d]) % p["shape"][d] for d in range(p["shape"].shape[0])]
 
     def rule(self, b, h, q, k, p):
         xq, xk = self.coords(q, p), self.coords(k, p)
         out = None
         for t in range(self.terms):
             m = None
-            for d in range(self.rank):
+            for d in range(len(xq)):  # the grid's rank, from p (a shape, not a value)
                 md = self._axis_rule(t, d, xq[d], xk[d], p)
                 m = md if m is None else m & md
             out = m if out is None else out | m

@@ -66,7 +66,7 @@ class FrameCausal(Pattern):
         """The last visible key of each query (every key up to it is visible)."""
         C, S = p["context"], p["frame"]
         video = C + ((q - C) // S + 1) * S - 1
-        return torch.where(q < C, torch.full_like(video, p["context_hi"]), video)
+        return torch.where(q < C, p["context_hi"], video)
 
     def rule(self, b, h, q, k, p):
         return k <= self.last_key(q, p)
