@@ -18,3 +18,13 @@ from .strided import S2, s2  # noqa: E402
 
 __all__ += ["S2", "s2", "ShiftedGroups", "shifted_groups", "sink_groups", "Sinks", "sinks", "PrefixLM",
             "prefix_lm", "Document", "document", "relative_logits", "relative_logits_gather"]
+
+# grid and video patterns (tokens are a grid's cells in row-major order)
+from .grid import GridPattern  # noqa: E402
+from .halo import Halo, halo  # noqa: E402
+from .neighborhood import Neighborhood, neighborhood  # noqa: E402
+from .radial import Radial, radial  # noqa: E402
+from .video import DividedSpaceTime, FrameCausal, divided_space_time, frame_causal  # noqa: E402
+
+__all__ += ["GridPattern", "Neighborhood", "Halo", "Radial", "FrameCausal", "DividedSpaceTime",
+            "neighborhood", "halo", "radial", "frame_causal", "divided_space_time"]
