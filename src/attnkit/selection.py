@@ -28,8 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .patterns.base import Pattern
     from .patterns.plan import BlockPlan
 
-# elements of one (B, H, rows, Lk) chunk evaluated at once by counts and recalls
-CHUNK_ELEMENTS = 1 << 24
+# elements of one (B, H, rows, Lk) chunk evaluated at once by counts and recalls (CPU, CUDA)
+CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
 
 
 @dataclass
@@ -142,7 +142,8 @@ class Selection:
         p = self.pattern
         params = _to_device(p.params(self.q_len, self.k_len), device)
         rows = torch.arange(self.q_len, device=device) if rows is None else rows.to(device)
-        step = max(1, CHUNK_ELEMENTS // max(1, self.batch * self.heads * self.k_len))
+        budget = CHUNK_ELEMENTS.get(torch.device(device or "cpu").type, CHUNK_ELEMENTS["cpu"])
+        step = max(1, budget // max(1, self.batch * self.heads * self.k_len))
         b = torch.arange(p.batch or 1, device=device).view(-1, 1, 1, 1)
         h = torch.arange(p.heads or 1, device=device).view(1, -1, 1, 1)
         k = torch.arange(self.k_len, device=device).view(1, 1, 1, -1)

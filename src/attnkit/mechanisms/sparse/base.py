@@ -10,12 +10,24 @@ gradients flow through the attention on the selected mask. ``ak.select`` exports
 
 Budgets. Every method accepts ``density`` in (0, 1]: the fraction of its candidate key blocks
 (or tokens) each query (or query block) keeps, rounded up, at least one; ``density=1`` is dense
-attention. It replaces the method's own budget knob (top-k, token budget, cache size); giving both
-raises OptionError (:func:`resolve_budget`). Each method's docstring states its candidates.
+attention. It replaces the method's own budget knob; giving both raises OptionError
+(:func:`resolve_budget`); giving neither uses the paper's default knob.
+
+    method     density counts                                          the paper's knob
+    moba       a query's visible chunks (its own + complete past)      top_k chunks (own included)
+    kinetics   a query's dynamic chunks (between sinks and window)     top_k chunks
+    hip        a query block's chunks in its search range              budget tokens (mask_k)
+    vmoba      chunks per query (x S per head, x H*S for scope all)    top_k chunks (top-k mode)
+    h2o        the sequence: cache = ceil(density * Lk) tokens          heavy + recent tokens
+
+What a method always keeps on top (its own chunk, sinks, windows, the query itself) is outside
+the budget, so the kept density of a call (``Selection.density()``) is at least the target.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,8 +40,8 @@ from ...patterns.plan import cdiv
 from ...selection import Selection
 from ..pattern_method import MASK_ENGINES, PatternMethod
 
-# elements of one score chunk built at once by the selection code
-SCORE_BUDGET = 1 << 24
+# elements of one score chunk built at once by the selection code (CPU, CUDA)
+SCORE_BUDGET = {"cpu": 1 << 24, "cuda": 1 << 26}
 
 
 def density_option(candidates: str) -> Option:
@@ -64,8 +76,29 @@ def work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def rows_per_chunk(per_row: int, budget: int = SCORE_BUDGET) -> int:
-    return max(1, budget // max(1, per_row))
+def rows_per_chunk(per_row: int, device: torch.device) -> int:
+    """Rows of ``per_row`` scores each that fit one chunk of the device's score budget."""
+    return max(1, SCORE_BUDGET.get(device.type, SCORE_BUDGET["cpu"]) // max(1, per_row))
+
+
+@contextmanager
+def serial_on_cpu(device: torch.device) -> Iterator[None]:
+    """Run a sequential loop of tiny tensor ops (H2O's per-token eviction) on one CPU thread.
+
+    Each op touches a few hundred numbers: an OpenMP parallel region costs more than it saves,
+    and stalls whenever the machine's cores are busy (measured on a loaded 2-core machine:
+    ``torch.softmax`` of 12 numbers took 30 ms with 2 threads, 2 us with one; the whole H2O
+    selection of 63 tokens ran 30x slower). The thread count is restored afterwards; CUDA
+    tensors are unaffected."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def key_means(key: torch.Tensor, block: int, shift: int = 0) -> torch.Tensor:

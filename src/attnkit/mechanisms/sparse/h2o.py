@@ -44,7 +44,7 @@ reads future rows) is not this method.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,7 +54,7 @@ from ...options import Option
 from ...patterns.selection import EvictionTimes
 from ...registry import MethodInfo, options, register
 from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS
-from .base import DynamicMethod, by_query_head, density_option, rows_per_chunk, work_dtype
+from .base import DynamicMethod, by_query_head, density_option, rows_per_chunk, serial_on_cpu, work_dtype
 
 PAPER_DENSITY = 0.2
 
@@ -62,20 +62,28 @@ PAPER_DENSITY = 0.2
 @dataclass
 class H2OState:
     """One layer's eviction state, per batch element and kv head: ``key (B, Hk, n, D)``,
-    ``value (B, Hk, n, Dv)`` (None while only selecting), ``pos (B, Hk, n)`` positions,
-    ``acc (B, Hk, n)`` accumulated probabilities, ``length`` tokens seen, and when recording a
-    selection ``until (B, Hk, L)``: the row from which each key is evicted."""
+    ``value (B, Hk, n, Dv)`` (None while only selecting), ``pos (B, Hk, n)`` positions and
+    ``acc (B, Hk, n)`` accumulated probabilities of the kept entries, ``length`` tokens seen.
+    Once the cache is full the buffers hold one more slot (``spare``) for the incoming token.
+    When recording a selection, ``until (B, Hk, L)`` is the row from which each key is evicted."""
 
     key: torch.Tensor | None = None
     value: torch.Tensor | None = None
     pos: torch.Tensor | None = None
     acc: torch.Tensor | None = None
     length: int = 0
+    spare: bool = False
     until: torch.Tensor | None = None
+    evicted: list = field(default_factory=list)  # (row, positions (B, Hk, 1)) not yet written to until
 
     @property
     def size(self) -> int:
-        return 0 if self.key is None else self.key.shape[2]
+        """Entries kept (the spare slot excluded)."""
+        return 0 if self.key is None else self.key.shape[2] - int(self.spare)
+
+    def positions(self) -> torch.Tensor:
+        """Positions of the kept entries ``(B, Hk, size)`` (unordered once eviction started)."""
+        return self.pos[..., : self.size]
 
 
 def budget(options: dict, k_len: int | None, method: str = "h2o") -> tuple[int, int]:
@@ -104,7 +112,8 @@ def advance(state: H2OState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor |
             heavy: int, recent: int, prefill: int) -> torch.Tensor | None:
     """Run the next ``m`` tokens (``q (B, H, m, D)``, ``k (B, Hk, m, D)``, ``v`` or None) through
     the eviction cache; returns their outputs ``(B, H, m, Dv)`` when ``v`` is given. Work dtype:
-    float64 for float64 inputs, else float32."""
+    float64 for float64 inputs, else float32. Selecting (``v`` None) updates buffers in place;
+    decoding does not (the outputs may be differentiated)."""
     B, H, m, _ = q.shape
     cap = heavy + recent
     t_full = max(prefill, cap + 1)  # rows before this see every earlier key
@@ -115,8 +124,14 @@ def advance(state: H2OState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor |
                                 scale))
         if state.length == t_full and state.size > cap:
             _evict_to(state, heavy, recent)
-    for i in range(split, m):
-        outs.append(_step(state, q[:, :, i], k[:, :, i], None if v is None else v[:, :, i], scale, recent))
+    with serial_on_cpu(q.device):
+        for i in range(split, m):
+            outs.append(_step(state, q[:, :, i], k[:, :, i], None if v is None else v[:, :, i], scale, recent))
+    if state.until is not None and state.evicted:
+        rows = torch.tensor([r for r, _ in state.evicted], device=q.device)
+        gone = torch.cat([p for _, p in state.evicted], -1)
+        state.until.scatter_(-1, gone, rows.expand_as(gone).contiguous())
+        state.evicted.clear()
     return torch.cat(outs, dim=2) if v is not None else None
 
 
@@ -135,7 +150,7 @@ def _dense_rows(state: H2OState, q, k, v, scale):
     if state.acc is not None:
         acc[..., :n0] = state.acc
     out = None if v is None else torch.empty(B, H, m, value.shape[-1], dtype=wd, device=q.device)
-    step = rows_per_chunk(B * H * (n0 + m))
+    step = rows_per_chunk(B * H * (n0 + m), q.device)
     for r0 in range(0, m, step):
         r1 = min(m, r0 + step)
         s = (q[:, :, r0:r1].to(wd).reshape(B, Hk, g * (r1 - r0), D) @ key.transpose(-1, -2)) * scale
@@ -143,20 +158,22 @@ def _dense_rows(state: H2OState, q, k, v, scale):
         row = torch.arange(r0, r1, device=q.device)[:, None] + n0
         s = s.masked_fill(torch.arange(n0 + m, device=q.device) > row, float("-inf"))
         p = torch.softmax(s, -1)
-        acc += p.sum((2, 3))
+        acc += p.detach().sum((2, 3))  # a statistic: no gradient
         if v is not None:
-            out[:, :, r0:r1] = (p @ value[:, :, None]).reshape(B, H, r1 - r0, -1)
+            out[:, :, r0:r1] = (p.reshape(B, Hk, g * (r1 - r0), -1) @ value).view(B, H, r1 - r0, -1)
     state.key, state.value, state.pos, state.acc = key, value, pos, acc
     state.length += m
     return out
 
 
 def _evict_to(state: H2OState, heavy: int, recent: int) -> None:
-    """Cut the cache to heavy + recent entries at once (entries are in position order here)."""
+    """Cut the cache to heavy + recent entries at once (entries are in position order here) and
+    add the spare slot."""
     n = state.size
     old = state.acc[..., : n - recent]
     keep_heavy = torch.sort(old.topk(heavy, -1).indices, -1).values if heavy else old[..., :0].long()
     keep = torch.cat([keep_heavy, torch.arange(n - recent, n, device=old.device).expand(*old.shape[:-1], recent)], -1)
+    keep = torch.cat([keep, keep[..., -1:]], -1)  # the spare slot starts as a copy of the last entry
     if state.until is not None:
         gone = torch.ones(state.pos.shape, dtype=torch.bool, device=old.device).scatter(-1, keep, False)
         state.until.scatter_(-1, state.pos, torch.where(gone, state.length, state.until.gather(-1, state.pos)))
@@ -164,37 +181,50 @@ def _evict_to(state: H2OState, heavy: int, recent: int) -> None:
     if state.value is not None:
         state.value = state.value.gather(2, keep[..., None].expand(-1, -1, -1, state.value.shape[-1]))
     state.pos, state.acc = state.pos.gather(-1, keep), state.acc.gather(-1, keep)
+    state.spare = True
 
 
 def _step(state: H2OState, q, k, v, scale, recent):
-    """One row on a full cache: attend cache ∪ self, accumulate, evict one entry (maybe the new one)."""
+    """One row on a full cache: the new token goes to the spare slot, the row attends every slot,
+    scores accumulate, and the weakest unprotected entry is overwritten by the spare (when the
+    new token itself is the weakest, nothing moves)."""
     wd = work_dtype(q)
     B, H, D = q.shape
     Hk = k.shape[1]
-    g = H // Hk
     t = state.length
-    qg = q.to(wd).reshape(B, Hk, g, D)
-    kt = k.to(wd)
-    s = torch.cat([qg @ state.key.transpose(-1, -2), (qg * kt[:, :, None]).sum(-1, keepdim=True)], -1) * scale
+    inplace = v is None
+    key = _put_last(state.key, k.to(wd)[:, :, None], inplace)
+    s = (q.to(wd).reshape(B, Hk, H // Hk, D) @ key.transpose(-1, -2)) * scale
     p = torch.softmax(s, -1)  # (B, Hk, g, C + 1)
-    cand_acc = torch.cat([state.acc, torch.zeros_like(state.acc[..., :1])], -1) + p.sum(2)
-    cand_pos = torch.cat([state.pos, torch.full_like(state.pos[..., :1], t)], -1)
+    acc = _put_last(state.acc, torch.zeros_like(state.acc[..., :1]), inplace) + p.detach().sum(2)
+    pos = _put_last(state.pos, torch.full_like(state.pos[..., :1], t), inplace)
+    evict = acc.masked_fill(pos > t - recent, float("inf")).argmin(-1, keepdim=True)  # (B, Hk, 1)
+    if state.until is not None:
+        state.evicted.append((t + 1, pos.gather(-1, evict)))
     out = None
     if v is not None:
-        vt = v.to(wd)
-        out = (p[..., :-1] @ state.value + p[..., -1:] * vt[:, :, None]).reshape(B, H, 1, -1)
-    protected = cand_pos > t - recent
-    evict = cand_acc.masked_fill(protected, float("inf")).argmin(-1)  # (B, Hk), index into C + 1
-    if state.until is not None:
-        state.until.scatter_(-1, cand_pos.gather(-1, evict[..., None]), t + 1)
-    slot = torch.arange(state.size, device=q.device) == evict[..., None]  # no slot when the new token goes
-    state.key = torch.where(slot[..., None], kt[:, :, None], state.key)
-    if v is not None:
-        state.value = torch.where(slot[..., None], vt[:, :, None], state.value)
-    state.pos = torch.where(slot, t, state.pos)
-    state.acc = torch.where(slot, cand_acc[..., -1:], cand_acc[..., :-1])
+        value = _put_last(state.value, v.to(wd)[:, :, None], inplace)
+        out = (p @ value).reshape(B, H, 1, -1)
+        state.value = _move_last(value, evict, inplace)
+    state.key = _move_last(key, evict, inplace)
+    state.acc, state.pos = _move_last(acc, evict, True), _move_last(pos, evict, True)  # fresh tensors
     state.length += 1
     return out
+
+
+def _put_last(buf: torch.Tensor, src: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``buf`` with its last slot (dim 2) set to ``src``."""
+    if inplace:
+        buf[:, :, -1:] = src
+        return buf
+    return torch.cat([buf[:, :, :-1], src], 2)
+
+
+def _move_last(buf: torch.Tensor, slot: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """Copy the last slot (dim 2) of ``buf`` into ``slot (B, Hk, 1)``."""
+    idx = slot if buf.dim() == 3 else slot[..., None].expand(-1, -1, -1, buf.shape[-1])
+    src = buf[:, :, -1:]
+    return buf.scatter_(2, idx, src.clone()) if inplace else buf.scatter(2, idx, src)
 
 
 @register

@@ -60,10 +60,10 @@ from ...patterns.plan import cdiv
 from ...patterns.selection import BlockSelection, BlockWindow
 from ...registry import MethodInfo, options, register
 from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS
-from .base import DynamicMethod, budget_from_density, by_query_head, density_option, resolve_budget, work_dtype
+from .base import (DynamicMethod, budget_from_density, by_query_head, density_option, resolve_budget,
+                   rows_per_chunk, work_dtype)
 
 DEFAULT_BUDGET = 512
-SCORE_BUDGET = 1 << 23
 
 
 @register
@@ -108,7 +108,7 @@ class HiP(DynamicMethod):
         B, H = call.batch, call.heads
         tiles = torch.zeros(B, H, n_qb, n_kc, dtype=torch.bool, device=dev)
         reps = _representatives(bq, stride, call.q_len, dev)  # (nQb, nR) rows, -1 = none
-        step = max(1, SCORE_BUDGET // max(1, B * H * reps.shape[1] * call.k_len))
+        step = rows_per_chunk(2 * B * H * reps.shape[1] * call.k_len, dev)  # two score tensors live at once
         for r0 in range(0, n_qb, step):
             r1 = min(n_qb, r0 + step)
             score = _chunk_scores(q, k, reps[r0:r1], last[r0:r1], bk, n_kc)  # (B, H, R, nKc)
@@ -133,7 +133,9 @@ def _representatives(block_q: int, stride: int, q_len: int, device) -> torch.Ten
     """Rows of each query block that score the chunks ``(nQb, nR)``: offsets 1, 1+s, ... in the
     block; a block of one row uses that row; -1 pads."""
     n_qb = cdiv(q_len, block_q)
-    offs = torch.arange(1, block_q, stride, device=device) if block_q > 1 else torch.zeros(1, dtype=torch.long, device=device)
+    offs = torch.arange(1, block_q, stride, device=device)
+    if block_q == 1:
+        offs = torch.zeros(1, dtype=torch.long, device=device)
     rows = torch.arange(n_qb, device=device)[:, None] * block_q + offs
     start = torch.arange(n_qb, device=device) * block_q
     rows = torch.where(rows < q_len, rows, -1)
@@ -147,8 +149,8 @@ def _chunk_scores(q, k, reps, last, bk, n_kc):
     visible to the block's last query; ``-inf`` where no key of the chunk is visible."""
     B, H, L, D = k.shape
     rows = reps.clamp(min=0)
-    qr = q[:, :, rows.reshape(-1)].to(k.dtype).view(B, H, *reps.shape, D)  # (B, H, R, nR, D)
-    s = qr @ k[:, :, None].transpose(-1, -2)  # (B, H, R, nR, Lk)
+    qr = q[:, :, rows.reshape(-1)].to(k.dtype)  # (B, H, R * nR, D)
+    s = (qr @ k.transpose(-1, -2)).view(B, H, *reps.shape, L)  # (B, H, R, nR, Lk)
     s = s.masked_fill((reps < 0)[..., None], float("-inf")).amax(3)
     s = s.masked_fill(torch.arange(L, device=k.device) > last[:, None], float("-inf"))
     s = torch.nn.functional.pad(s, (0, n_kc * bk - L), value=float("-inf"))

@@ -82,7 +82,7 @@ class Kinetics(DynamicMethod):
         q_group = q.reshape(B, Hk, call.group, call.q_len, -1).mean(2)  # mean query of each kv head
         chunks = torch.arange(n_chunks, device=call.device)
         tiles = torch.zeros(B, Hk, call.q_len, n_chunks, dtype=torch.bool, device=call.device)
-        step = rows_per_chunk(B * Hk * n_chunks)
+        step = rows_per_chunk(B * Hk * n_chunks, call.device)
         for r0 in range(0, call.q_len, step):
             r1 = min(call.q_len, r0 + step)
             n = torch.arange(r0, r1, device=call.device) + call.causal_offset + 1  # keys visible: N

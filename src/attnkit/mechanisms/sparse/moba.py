@@ -74,7 +74,7 @@ class MoBA(DynamicMethod):
         B, H, n_chunks = call.batch, call.heads, means.shape[2]
         chunks = torch.arange(n_chunks, device=call.device)
         tiles = torch.zeros(B, H, call.q_len, n_chunks, dtype=torch.bool, device=call.device)
-        step = rows_per_chunk(B * H * n_chunks)
+        step = rows_per_chunk(B * H * n_chunks, call.device)
         for r0 in range(0, call.q_len, step):
             r1 = min(call.q_len, r0 + step)
             own = torch.div(torch.arange(r0, r1, device=call.device) + call.causal_offset, chunk,

@@ -54,7 +54,6 @@ import torch
 
 from ...errors import OptionError
 from ...options import Option
-from ...patterns.plan import cdiv
 from ...patterns.selection import BlockSelection, PermutedPattern
 from ...registry import MethodInfo, options, register
 from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS
