@@ -20,6 +20,13 @@ attention. It replaces the method's own budget knob; giving both raises OptionEr
     vmoba      chunks per query (x S per head, x H*S for scope all)    top_k chunks (top-k mode)
     h2o        the sequence: cache = ceil(density * Lk) tokens          heavy + recent tokens
 
+Execution cost. The engines visit every (query tile, key tile) pair that any query of the
+tile needs. Per-query selections (MoBA, Kinetics, VMoBA, HiP with ``query_chunk=1``) united over
+a 128-row tile cover most key tiles unless neighbouring queries choose alike — on random inputs
+the tile density (``Selection.tile_density()``) is close to dense even at 10 % kept pairs. The
+official MoBA / VMoBA kernels gather, for each key chunk, the queries that chose it (varlen
+FlashAttention); attnkit's tile engines do not, so their attention time follows the tile density.
+
 What a method always keeps on top (its own chunk, sinks, windows, the query itself) is outside
 the budget, so the kept density of a call (``Selection.density()``) is at least the target.
 """

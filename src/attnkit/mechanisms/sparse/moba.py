@@ -52,7 +52,7 @@ DEFAULT_TOP_K = 12
 @register
 class MoBA(DynamicMethod):
     info = MethodInfo(
-        name="moba", family="D", kind="exact", patterns=CAUSAL_PATTERNS, decode=True, seed=(37,),
+        name="moba", family="D", kind="exact", patterns=CAUSAL_PATTERNS, decode=True, seed=(2, 37),
         summary="MoBA: each query attends its own chunk + the top-k past chunks by q·mean(key)",
         backends=MASK_BACKENDS,
         options=options(
