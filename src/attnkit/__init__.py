@@ -22,6 +22,7 @@ from .errors import (
 from .options import Option
 from .reference import reference
 from .registry import MethodInfo, method_info, methods
+from .selection import Selection, select
 
 __version__ = "0.1.0"
 
@@ -38,4 +39,5 @@ __all__ = [
     "attend", "explain", "reference", "methods", "method_info", "MethodInfo", "Option", "Explanation",
     "patterns", "PATTERNS", "AttnkitError", "ShapeError", "DtypeError", "DeviceError", "ArgumentError",
     "OptionError", "UnknownMethodError", "UnsupportedPatternError", "BackendUnavailableError",
+    "select", "Selection",
 ]

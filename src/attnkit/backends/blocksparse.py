@@ -204,8 +204,9 @@ class _BlockSparseAttention(torch.autograd.Function):
 
 def tiles_for(call: AttentionCall, spec: MaskSpec, block_q: int | None = None,
               block_k: int | None = None) -> _Tiles:
-    bq = block_q or spec.block
-    bk = block_k or spec.block
+    # tiles never exceed the problem: a 7-token call computes 7x7 tiles, not 128x128 ones
+    bq = min(block_q or spec.block, call.q_len)
+    bk = min(block_k or spec.block, call.k_len)
     pattern = spec.pattern
     pattern.check_heads(call.batch, call.heads)
     plan = pattern.block_plan(call.q_len, call.k_len, (bq, bk), call.device)

@@ -6,9 +6,11 @@
     y_t = layer(x[:, t:t+1], cache=cache)          # one token at a time; equals y[:, t]
 
 Softmax-family methods decode through a key/value cache (bottom-right causal alignment makes a
-query at step t see exactly what row t saw in the full forward). Recurrent methods
-(``RecurrentMethod``) decode through their state. Methods of kind ``layer`` own parameters and
-supply their own module (``build_layer``), which this class wraps.
+query at step t see exactly what row t saw in the full forward). Methods that keep their own
+decode state — recurrent methods (``RecurrentMethod``), and caches that are not the plain growing
+key/value cache, such as H2O's evicting cache — implement ``init_state`` / ``forward_state``
+and decode through that state. Methods of kind ``layer`` own parameters and supply their own
+module (``build_layer``), which this class wraps.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from torch import nn
 
 from ..api import attend
 from ..errors import ArgumentError, ShapeError
-from ..mechanisms.linear.base import RecurrentMethod
 from ..registry import get_method
 from .cache import AttentionCache
 from .rope import apply_rope
@@ -137,7 +138,7 @@ class Attention(nn.Module):
             pos = torch.arange(cache.position, cache.position + L, device=x.device)
             q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
         cache.position += L
-        if isinstance(self.impl, RecurrentMethod):
+        if callable(getattr(self.impl, "forward_state", None)):  # the method's own decode state
             if attn_mask is not None:
                 raise ArgumentError(f"method {self.method!r} takes no attn_mask.")
             from ..call import AttentionCall

@@ -2,11 +2,11 @@
 
 from .base import Intersection, Pattern, Union
 from .interval import Full, IntervalPattern, SlidingWindow, causal, full, sliding_window
-from .selection import BlockSelection
+from .selection import BlockSelection, BlockWindow, EvictionTimes, PermutedPattern
 from .plan import EMPTY, FULL, PARTIAL, BlockPlan, plan_from_dense
 
 __all__ = ["Pattern", "Intersection", "Union", "IntervalPattern", "Full", "SlidingWindow",
-           "BlockPlan", "BlockSelection", "plan_from_dense", "EMPTY", "PARTIAL", "FULL", "causal", "full", "sliding_window"]
+           "BlockPlan", "BlockSelection", "BlockWindow", "EvictionTimes", "PermutedPattern", "plan_from_dense", "EMPTY", "PARTIAL", "FULL", "causal", "full", "sliding_window"]
 
 # 1D exact patterns: S2-Attention, LongLoRA / SinkLoRA groups, StreamingLLM sinks, prefix LM,
 # packed documents; Music Transformer relative-position logits (a score modification)
