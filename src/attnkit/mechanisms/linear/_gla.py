@@ -10,8 +10,8 @@ sequence, and a state ``S0 (B, H, K, V)`` sitting at position -1:
 
 ``G`` with last size 1 is a scalar decay per head (Lightning, Aaren); size K is a decay per key
 channel (LightNet). Only differences of ``G`` inside a chunk or between neighbouring chunk ends are
-used, and they are taken in ``g``'s own dtype (pass float64 for a long constant-decay ramp) before
-casting. Every exponential has a non-positive argument, so no factor exceeds 1 and no overflow
+used; they are taken in ``g``'s own dtype (pass float64 for a long constant-decay ramp) and cast
+to the working dtype before the exponential. Every exponential has a non-positive argument, so no factor exceeds 1 and no overflow
 can occur, whatever the decay: for the per-channel decay the intra-chunk part is split in a binary
 hierarchy (left half of a block = keys, right half = queries, reference at the end of the left
 half), the stable form of GLA's secondary chunking; the diagonal ``t = s`` is elementwise.
@@ -47,7 +47,7 @@ def _intra_scalar(Q, K, V, Gc):
     C = Q.shape[3]
     diff = Gc[..., :, None, 0] - Gc[..., None, :, 0]
     keep = lower(C, Q.device)
-    D = torch.exp(diff.masked_fill(~keep, float("-inf"))).to(Q.dtype)
+    D = torch.exp(diff.to(Q.dtype).masked_fill(~keep, float("-inf")))
     return ((Q @ K.transpose(-1, -2)) * D) @ V
 
 
@@ -61,8 +61,8 @@ def _intra_channel(Q, K, V, Gc):
         Qb, Kb, Vb = Q.reshape(*split, Dk), K.reshape(*split, Dk), V.reshape(*split, V.shape[-1])
         Gb = Gc.reshape(*Gc.shape[:-2], C // (2 * h), 2, h, Gc.shape[-1])
         ref = Gb[..., 0, h - 1:, :]  # G at the last key of each left half
-        qr = Qb[..., 1, :, :] * torch.exp(Gb[..., 1, :, :] - ref).to(Q.dtype)
-        kl = Kb[..., 0, :, :] * torch.exp(ref - Gb[..., 0, :, :]).to(Q.dtype)
+        qr = Qb[..., 1, :, :] * torch.exp((Gb[..., 1, :, :] - ref).to(Q.dtype))
+        kl = Kb[..., 0, :, :] * torch.exp((ref - Gb[..., 0, :, :]).to(Q.dtype))
         right = (qr @ kl.transpose(-1, -2)) @ Vb[..., 0, :, :]
         out = out + torch.stack([torch.zeros_like(right), right], -3).reshape(out.shape)
         h //= 2
@@ -84,15 +84,15 @@ def gla_chunked(q, k, v, g, s0, chunk: int):
     dt = q.dtype
     o = _intra_channel(Q, K, V, Gc) if per_channel else _intra_scalar(Q, K, V, Gc)
     # inter-chunk: per-chunk contributions referenced to the chunk end, carried with decay <= 1
-    k_end = K * torch.exp(g_end[..., None, :] - Gc).to(dt)
+    k_end = K * torch.exp((g_end[..., None, :] - Gc).to(dt))
     U = k_end.transpose(-1, -2) @ V  # (B, H, n, K, V)
-    carry = torch.exp(g_end - g_start).to(dt)[..., None]  # (B|1, H, n, K'|1, 1)
+    carry = torch.exp((g_end - g_start).to(dt))[..., None]  # (B|1, H, n, K'|1, 1)
     state, before = s0, []
     for m in range(n):
         before.append(state)
         state = carry[:, :, m] * state + U[:, :, m]
     S = torch.stack(before, 2)
-    q_start = Q * torch.exp(Gc - g_start[..., None, :]).to(dt)
+    q_start = Q * torch.exp((Gc - g_start[..., None, :]).to(dt))
     o = o + q_start @ S
     return o.reshape(B, H, n * chunk, -1)[:, :, :L], state
 
@@ -102,7 +102,7 @@ def gla_recurrent(q, k, v, g, s0):
     S, outs = s0, []
     dt = q.dtype
     for t in range(q.shape[2]):
-        decay = torch.exp(g[:, :, t + 1] - g[:, :, t]).to(dt)[..., None]
+        decay = torch.exp((g[:, :, t + 1] - g[:, :, t]).to(dt))[..., None]
         S = decay * S + k[:, :, t, :, None] * v[:, :, t, None, :]
         outs.append(torch.einsum("bhd,bhde->bhe", q[:, :, t], S))
     return torch.stack(outs, 2), S
