@@ -139,11 +139,19 @@ def _per_query_chunked(call, q, k, v, chunk):
 
 
 def _per_query_recurrent(call, q, k, v):
+    """Every query's RNN ``(m, u, w)`` updated one key at a time (keys it cannot see are skipped)."""
     B, H, Lq, _ = q.shape
-    acc = (q.new_full((B, H, Lq), float("-inf")), q.new_zeros(B, H, Lq), q.new_zeros(B, H, Lq, v.shape[-1]))
+    s = (q @ k.transpose(-1, -2)) * call.scale
+    seen = _visible(call, 0, call.k_len, q.device)
+    m = q.new_full((B, H, Lq), float("-inf"))
+    u, w = q.new_zeros(B, H, Lq), q.new_zeros(B, H, Lq, v.shape[-1])
     for j in range(call.k_len):
-        acc = combine(acc, _leaf_chunk(call, q, k, v, j, j + 1))
-    return _finish(acc[1], acc[2])
+        sj = s[..., j] if seen is None else s[..., j].masked_fill(~seen[:, j], float("-inf"))
+        m_new = torch.maximum(m, sj)
+        ref = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        a, b = torch.exp(m - ref), torch.exp(sj - ref)
+        u, w, m = u * a + b, w * a[..., None] + b[..., None] * v[:, :, j, None, :], m_new
+    return _finish(u, w)
 
 
 # -- forms --------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ Noncausal (self and cross) uses the symmetric decay ``lam^|i - j|``: a forward p
 scan, the usual bidirectional extension of decayed linear attention — not in the official code.
 
 ``scale`` multiplies q (default ``D**-0.5``, as fla's ``chunk_lightning_attn``); the official
-``lightning_attn_func`` applies no scale: pass ``scale=1.0`` to match it.
+``lightning_attn_func`` applies no scale: pass ``scale=1.0`` to match it. Note that fla's
+``chunk_lightning_attn`` decays with ``g_gamma = -(8/H)(1 - l/L) h`` for h = 0..H-1 (log-decay linear
+in h, head 0 undecayed), not the official schedule; ``slopes=8/H * arange(H)`` reproduces it.
 
 Confirmed in OpenNLPLab/lightning-attention (snapshot 2025-02-23):
 ``lightning_attn/utils/utils.py::_build_slope_tensor`` (start = ratio = 2^(-2^-(log2 H - 3)) =
