@@ -108,6 +108,25 @@ def test_based_is_close_to_softmax_for_small_scores():
     assert (w - p).abs().max() / p.max() < 0.05
 
 
+def test_based_layer_is_the_official_mixer():
+    layer = ak.nn.Attention(64, 4, method="based", causal=True).double()  # feature_dim 16, head_dim 16
+    shapes = {n: tuple(p.shape) for n, p in layer.named_parameters()}
+    assert shapes == {"inner.proj_q.weight": (64, 64), "inner.proj_k.weight": (64, 64),
+                      "inner.proj_v.weight": (64, 64), "inner.out_proj.weight": (64, 64)}
+    layer = ak.nn.Attention(64, 4, head_dim=32, method="based", causal=True, feature_dim=8).double()
+    assert layer.inner.proj_q.weight.shape == (32, 64) and layer.inner.proj_v.weight.shape == (128, 64)
+    x = torch.randn(2, 13, 64, dtype=torch.float64)
+    full = layer(x)
+    cache = layer.init_cache(2)
+    steps = torch.cat([layer(x[:, :4], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(4, 13)], 1)
+    assert rel_err(steps, full) <= 1e-10
+    cross = ak.nn.Attention(64, 4, method="based", cross=True, context_dim=24).double()
+    assert cross(x, context=torch.randn(2, 7, 24, dtype=torch.float64)).shape == (2, 13, 64)
+    q, k, v = inputs(Lq=9, D=8)
+    with pytest.raises(ak.OptionError, match="feature_dim=16 but q and k have head dim 8"):
+        ak.attend(q, k, v, enable_gqa=True, method="based", feature_dim=16)
+
+
 def test_based_window_layer_is_sliding_window_65():
     """Official SlidingAttention(window_size=128) -> FlashAttention window (64, 0): 64 keys + self."""
     m = ak.patterns.sliding_window(window=65, causal=True).to_dense(200, 200)

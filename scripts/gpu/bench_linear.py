@@ -233,6 +233,8 @@ def main(argv=None):
     p.add_argument("--methods", nargs="*", help="subset of attnkit methods (default: every family-R one)")
     p.add_argument("--chunk-size", type=int, default=None, help="chunk_size given to our methods")
     p.add_argument("--budget", type=float, default=0.4, help="seconds of timed calls per measurement")
+    p.add_argument("--max-call-s", type=float, default=3.0,
+                   help="skip a case's longer lengths once one call takes longer than this")
     p.add_argument("--no-backward", action="store_true")
     args = p.parse_args(argv)
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -259,6 +261,8 @@ def main(argv=None):
                     try:
                         ms = measure(fn, case, L, args, device, dtype, mode == "fwd+bwd")
                         row.update(ms=ms, tokens_per_s=L / (ms / 1e3))
+                        if ms > args.max_call_s * 1e3:
+                            failed = f"one call took {ms / 1e3:.1f} s > --max-call-s at L={L}"
                     except Exception as e:  # noqa: BLE001 - OOM or unsupported: record, go on
                         failed = row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                         if device == "cuda":

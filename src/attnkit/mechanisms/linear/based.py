@@ -8,8 +8,11 @@ linear attention with the 2nd-order Taylor feature map of ``exp``.
 With the default ``scale = D**-0.5`` this is the official ``TaylorExp`` map (``x / D^(1/4)``,
 ``vec(x x^T) / (sqrt(2) sqrt(D))``, full ``D^2`` outer product). ``D`` here is BASED's small
 feature dimension: BASED projects q and k to ``feature_dim = 16`` per head (273 features) and v to
-the head dimension; pass q, k of that dimension (``ak.nn.Attention`` uses one head_dim for q, k
-and v — call ``ak.attend`` from your own projections for the 16 / 64+ split).
+the head dimension; pass q, k of that dimension to ``ak.attend``. The layer,
+``ak.nn.Attention(dim, heads, method="based", causal=True, feature_dim=16)``, is the official
+``LinearAttention`` mixer: bias-free projections of q, k to ``heads x feature_dim`` and of v to
+``heads x head_dim``, this op, concatenated heads, output projection, no norm; it decodes with
+the ``(S, z)`` state.
 
 BASED's sliding-window attention is a *separate layer* in the official model (the 360M config mixes
 gated short convolutions, these linear-attention layers at layers 1, 6, 11, 16, 21 and
@@ -37,8 +40,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ...call import ALL_PATTERNS, AttentionCall
+from ...errors import ArgumentError, OptionError
 from ...options import Option
 from ...patterns.plan import cdiv
 from ...reference import causal_mask
@@ -180,19 +185,29 @@ _ENGINES = (FormEngine("chunked", chunked), FormEngine("parallel", parallel),
 @register
 class Based(RecurrentMethod):
     info = MethodInfo(
-        name="based", family="R", kind="approximate", patterns=ALL_PATTERNS, decode=True,
+        name="based", family="R", kind="layer", patterns=ALL_PATTERNS, decode=True,
         summary="BASED linear attention: 2nd-order Taylor feature map of exp(q.k/sqrt(D)), normalized",
         backends=tuple(e.name for e in _ENGINES), state_size="(1+Dk+Dk(Dk+1)/2)*(Dv+1)",
         options=options(
             Option("normalize", "bool", True, "divide by sum_j phi(q).phi(k_j) (BASED: always; "
                    "False = fla's use_norm=False)"),
             Option("eps", "float", 1e-12, "added to the normalizer (BASED: 1e-12)", low=0.0),
+            Option("feature_dim", "int", None, "q/k feature dimension d' (BASED: 16); the layer "
+                   "projects q, k to it (None: 16); functional calls take it from q (must match if given)",
+                   low=1, nullable=True),
             Option("chunk_size", "int", 64, "chunk length of the chunked form (performance knob)",
                    low=1, high=4096, tuning=True)),
         references="Arora et al. 2024, arXiv 2402.18668; github.com/HazyResearch/based")
 
     def engines(self):
         return _ENGINES
+
+    def validate(self, call):
+        fd = call.options["feature_dim"]
+        if fd is not None and fd != call.head_dim:
+            raise OptionError(
+                f"method 'based': feature_dim={fd} but q and k have head dim {call.head_dim}; the "
+                f"functional op takes the feature dimension from q: drop feature_dim or project q, k to {fd}.")
 
     def reference(self, call):
         return parallel(call)
@@ -216,3 +231,63 @@ class Based(RecurrentMethod):
         num, den, kv, z = chunked_causal(q, k, v, state.kv, state.k_sum, call.scale,
                                          call.options["chunk_size"])
         return _finish(num, den, call), BasedState(kv, z)
+
+    def build_layer(self, *, dim, heads, kv_heads, head_dim, causal, cross, context_dim, **options):
+        return BasedLayer(self, dim, heads, kv_heads, head_dim, causal, cross, context_dim, **options)
+
+
+class BasedLayer(nn.Module):
+    """BASED's linear-attention mixer on ``x (B, L, dim)`` (``context`` for cross-attention)."""
+
+    def __init__(self, impl: Based, dim, heads, kv_heads, head_dim, causal, cross, context_dim, **options):
+        super().__init__()
+        fd = options.get("feature_dim") or 16
+        self.impl, self.causal, self.cross = impl, causal, cross
+        self.heads, self.kv_heads, self.head_dim, self.feature_dim = heads, kv_heads, head_dim, fd
+        self.options = impl.info.options.validate({**options, "feature_dim": fd}, "based")
+        cdim = context_dim or dim
+        self.proj_q = nn.Linear(dim, heads * fd, bias=False)
+        self.proj_k = nn.Linear(cdim, kv_heads * fd, bias=False)
+        self.proj_v = nn.Linear(cdim, kv_heads * head_dim, bias=False)
+        self.out_proj = nn.Linear(heads * head_dim, dim, bias=False)
+
+    def init_cache(self, batch=None):
+        if not (self.causal or self.cross):
+            raise ArgumentError("a noncausal based layer cannot decode token by token; build it with causal=True.")
+        from ...nn.cache import AttentionCache
+
+        return AttentionCache()
+
+    def _heads(self, x, n, d):
+        return x.view(x.shape[0], x.shape[1], n, d).transpose(1, 2)
+
+    def forward(self, x, context=None, cache=None):
+        from ...api import attend
+
+        B, L, _ = x.shape
+        q = self._heads(self.proj_q(x), self.heads, self.feature_dim)
+        gqa = self.kv_heads != self.heads
+        if self.cross:
+            if cache is not None and cache.key is not None and context is None:
+                k, v = cache.key, cache.value
+            elif context is None:
+                raise ArgumentError("a cross-attention based layer needs context=(B, M, context_dim).")
+            else:
+                k = self._heads(self.proj_k(context), self.kv_heads, self.feature_dim)
+                v = self._heads(self.proj_v(context), self.kv_heads, self.head_dim)
+                if cache is not None:
+                    cache.key, cache.value = k, v
+            out = attend(q, k, v, enable_gqa=gqa, method="based", **self.options)
+        else:
+            k = self._heads(self.proj_k(x), self.kv_heads, self.feature_dim)
+            v = self._heads(self.proj_v(x), self.kv_heads, self.head_dim)
+            if cache is None:
+                out = attend(q, k, v, is_causal=self.causal, enable_gqa=gqa, method="based", **self.options)
+            else:
+                call = AttentionCall.build(q, k, v, None, 0.0, True, None, gqa).with_options(self.options)
+                if cache.state is None:
+                    cache.state = self.impl.init_state(B, self.heads, self.feature_dim, self.head_dim,
+                                                       dtype=x.dtype, device=x.device, options=self.options)
+                out, cache.state = self.impl.forward_state(call, cache.state)
+                cache.position += L
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim))
