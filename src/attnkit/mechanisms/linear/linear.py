@@ -164,6 +164,18 @@ class Linear(RecurrentMethod):
     def reference(self, call):
         return parallel(call)
 
+    def materialize(self, call):
+        """``(B, H, Lq, Lk)``: ``phi(q_i).phi(k_j) / (sum_j' phi(q_i).phi(k_j') + eps)`` over visible
+        keys (unnormalized when ``normalize=False``); ``W @ v`` is the output."""
+        qf, kf, _ = _features(call)
+        a = qf @ kf.transpose(-1, -2)
+        if call.is_causal:
+            a = a * causal_mask(call.q_len, call.k_len, a.device)
+        if not call.options["normalize"]:
+            return a
+        den = a.sum(-1, keepdim=True) + call.options["eps"]
+        return torch.where(den == 0, torch.zeros_like(a), a / torch.where(den == 0, torch.ones_like(den), den))
+
     def sample_options(self, rng, q_len, k_len):
         return {"feature_map": str(rng.choice(list(FEATURE_MAPS))),
                 "normalize": bool(rng.random() < 0.8),
