@@ -266,7 +266,7 @@ _ENGINES = (FormEngine("chunked", _functional(chunked)), FormEngine("parallel", 
 @register
 class RAT(RecurrentMethod):
     info = MethodInfo(
-        name="rat", family="R", kind="layer", patterns=frozenset({"causal-self"}), decode=True,
+        name="rat", family="R", kind="layer", seed=(41,), patterns=frozenset({"causal-self"}), decode=True,
         summary="gated linear recurrence inside chunks + softmax attention over chunk-end states",
         backends=tuple(e.name for e in _ENGINES),
         state_size="(D + Dv) per completed chunk (KV cache / chunk_size) + running (D + Dv)",
