@@ -105,8 +105,8 @@ def window_attention(q, k, v, start, window, prefix, scale, past):
         visible = torch.cat([ppos[None, :] <= t, (kpos[None, :] <= t) & (kpos[None, :] > t - window)], 1)
         s = (q[:, :, a:b] @ keys.transpose(-1, -2)) * scale
         outs.append(softmax(s.masked_fill(~visible, float("-inf"))) @ vals)
-    keep = max(0, window - 1)
-    return torch.cat(outs, 2), (PK, PV, RK[:, :, RK.shape[2] - keep:], RV[:, :, RV.shape[2] - keep:])
+    first = max(0, RK.shape[2] - (window - 1))
+    return torch.cat(outs, 2), (PK, PV, RK[:, :, first:], RV[:, :, first:])
 
 
 class SlidingAttention(nn.Module):
