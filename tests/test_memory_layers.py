@@ -349,8 +349,9 @@ LM_CASES = [("rat", {}), ("titans", {}), ("titans", {"variant": "lmm"}), ("titan
 
 @pytest.mark.parametrize("name,opts", LM_CASES, ids=lambda x: str(x))
 def test_two_layer_causal_lm_trains_a_few_steps_without_nan(name, opts):
+    """The benchmark's use: ``ak.models.CausalLM(vocab, method=NAME)`` (dim 64, 2 layers, 4 heads)."""
     torch.manual_seed(0)
-    lm = ak.models.CausalLM(40, dim=32, depth=2, heads=4, kv_heads=2, method=name, **opts)
+    lm = ak.models.CausalLM(40, method=name, **opts)
     opt = torch.optim.Adam(lm.parameters(), lr=3e-3)
     x = torch.randint(0, 40, (4, 24))
     losses = []
@@ -360,9 +361,17 @@ def test_two_layer_causal_lm_trains_a_few_steps_without_nan(name, opts):
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in lm.parameters() if p.grad is not None)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     assert lm.generate(x[:, :3], 4).shape == (4, 7)
+
+
+@pytest.mark.parametrize("name", MEMORY_METHODS + ["rat", "gated_cnn"])
+def test_small_layers_of_every_shape_run(name):
+    for dim, heads, kv in ((32, 2, 2), (48, 3, 1), (64, 4, 2)):
+        layer = ak.nn.Attention(dim, heads, kv_heads=kv, method=name, causal=True)
+        y = layer(torch.randn(2, 9, dim))
+        assert y.shape == (2, 9, dim) and torch.isfinite(y).all()
 
 
 RSS_SCRIPT = textwrap.dedent("""

@@ -8,8 +8,8 @@
 
 Confirmed in the Titans paper (arXiv 2501.00663, sec. 4.4 "Architectural Details", read in a
 public transcription of the paper): SiLU for q, k, v; l2-normalised q and k; a 1-D depthwise-separable
-convolution after each of the q, k, v projections; "normalization and gating with a linear layer
-before the final output projection". Not stated there (ours, marked [UNVERIFIED] in the methods):
+convolution after each of the q, k, v projections; a normalisation and a gate computed by a linear
+layer before the final output projection. Not stated there (ours, marked [UNVERIFIED] in the methods):
 conv kernel 4 (Mamba / Gated DeltaNet practice; the Miras transcription also says 4), the gate's
 nonlinearity (sigmoid) and that it reads ``x``, per-head RMSNorm, one scalar gate per kv head and
 token. With ``kv_heads < heads`` each kv head owns one memory that the query heads of its group read.
@@ -58,7 +58,8 @@ class CausalConv(nn.Module):
         B, L, C = x.shape
         past = x.new_zeros(B, self.kernel - 1, C) if state is None else state
         full = torch.cat([past, x], 1)
-        y = F.conv1d(full.transpose(1, 2), self.weight[:, None, :].to(x.dtype), self.bias.to(x.dtype), groups=C)
+        w, b = self.weight[:, None, :].to(x.dtype), self.bias.to(x.dtype)
+        y = F.conv1d(full.transpose(1, 2), w, b, groups=C)
         return y.transpose(1, 2), full[:, full.shape[1] - (self.kernel - 1):]
 
 
@@ -183,8 +184,8 @@ class MemoryMethod(Method):
             raise ArgumentError(f"method {name!r} is a causal memory (it is written token by token); "
                                 "build the layer with causal=True and cross=False.")
         if opts["memory_depth"] >= 2 and opts["memory_expansion"] * head_dim < 1:
-            raise OptionError(f"method {name!r}: memory_expansion={opts['memory_expansion']} leaves "
-                              f"no hidden unit for head_dim={head_dim}; use memory_expansion >= {1 / head_dim}.")
+            raise OptionError(f"method {name!r}: memory_expansion={opts['memory_expansion']} leaves no "
+                              f"hidden unit for head_dim={head_dim}; use memory_expansion >= {1 / head_dim}.")
         return self.make_layer(dim, heads, kv_heads, head_dim, opts)
 
     def make_layer(self, dim, heads, kv_heads, head_dim, opts):

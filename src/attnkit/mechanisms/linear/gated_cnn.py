@@ -89,7 +89,8 @@ class GatedCNNMethod(Method):
         options=options(
             Option("expansion", "float", 8 / 3, "hidden width / dim of the gated MLP", low=0.0,
                    open_low=True, high=64.0),
-            Option("kernel_size", "int", 7, "depthwise conv taps (noncausal: odd, centred)", low=1, high=1025),
+            Option("kernel_size", "int", 7, "depthwise conv taps (noncausal: odd, centred)",
+                   low=1, high=1025),
             Option("conv_ratio", "float", 1.0, "share of dim that is convolved (C = int(conv_ratio * dim))",
                    low=0.0, high=64.0)),
         references="Yu, Wang 2024, arXiv 2405.07992 (MambaOut), github.com/yuweihao/MambaOut")
@@ -100,9 +101,9 @@ class GatedCNNMethod(Method):
             raise ArgumentError("gated_cnn mixes a sequence with itself; cross=True is not supported.")
         hidden, conv = int(o["expansion"] * dim), int(o["conv_ratio"] * dim)
         if hidden < 1 or conv > hidden:
-            raise OptionError(f"method 'gated_cnn': expansion={o['expansion']} and conv_ratio={o['conv_ratio']} "
-                              f"give hidden={hidden}, conv channels={conv} for dim={dim}; need "
-                              "1 <= int(conv_ratio * dim) <= int(expansion * dim) (or conv_ratio = 0).")
+            raise OptionError(f"method 'gated_cnn': expansion={o['expansion']} and "
+                              f"conv_ratio={o['conv_ratio']} give hidden={hidden}, conv channels={conv} "
+                              f"for dim={dim}; need 1 <= int(conv_ratio * dim) <= int(expansion * dim) (or conv_ratio = 0).")
         if not causal and o["kernel_size"] % 2 == 0:
             raise OptionError(f"method 'gated_cnn': kernel_size={o['kernel_size']} is even; a noncausal "
                               "(centred) convolution needs an odd kernel_size, e.g. 7.")

@@ -69,7 +69,8 @@ class Moneta(MemoryMethod):
         state_size="2 x memory params per kv head (accumulator, chunk-start anchor) + conv taps",
         options=options(
             *memory_options(),
-            Option("p", "float", 3.0, "exponent of the l_p attentional bias ||M(k) - v||_p^p", low=1.0, high=16.0),
+            Option("p", "float", 3.0, "exponent of the l_p attentional bias ||M(k) - v||_p^p",
+                   low=1.0, high=16.0),
             Option("q", "float", 4.0, "exponent of the l_q retention: W = A / ||A||_q^(q-2)", low=1.0,
                    open_low=True, high=16.0),
             Option("smooth", "bool", True, "smooth surrogates sign ~ tanh(10 x), |x| ~ sqrt(x^2 + 1e-6)")),

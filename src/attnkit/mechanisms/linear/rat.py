@@ -13,8 +13,8 @@ chunk and to its own running state:
     keys_t   = { R_j hk_end(j) : j < c }  U  { hk_t }        values_t = { hv_end(j) : j < c } U { hv_t }
     o_t      = softmax( scale * (R_c q_t) . keys_t ) @ values_t
 
-``R_j`` is RoPE by *chunk index* (RAT's "InterRoPE", base 10000, rotate-half); the self term is
-``q_t . hk_t`` (same rotation on both sides cancels). ``C = 1`` is softmax attention over
+``R_j`` is RoPE by *chunk index* (RAT's "InterRoPE", base 10000, rotate-half; option ``chunk_rope``);
+the self term is ``q_t . hk_t`` (same rotation on both sides cancels). ``C = 1`` is softmax attention over
 ``(1 - f) k`` / ``(1 - f) v`` with RoPE by position; ``C >= L`` is a gated linear RNN (``o_t = hv_t``).
 The KV cache shrinks by ``C``: the decode state is the running ``(hk, hv)`` plus one rotated key and
 one value per completed chunk.
@@ -22,8 +22,9 @@ one value per completed chunk.
 Functional form (``ak.attend(q, k, v, is_causal=True, method="rat", forget=...)``): the gate is an
 input, ``forget`` = a number in (0, 1) (one constant gate) or a tensor of values in (0, 1) that
 broadcasts to ``(B, H, L, 1)`` (one gate per head and token) or, when ``D == Dv``, to ``(B, H, L, D)``
-(per channel, as in the layer). ``k, v`` of ``Hkv`` heads are repeated to ``H`` heads *before* the
-recurrence (the official layer also tiles shared keys before gating them per head). Causal
+(per channel, as in the layer); the registry's generic tests use the default constant (the layer
+rejects ``forget``), ``tests/test_rat.py`` varies it. ``k, v`` of ``Hkv`` heads are repeated to ``H``
+heads *before* the recurrence (the official layer also tiles shared keys before gating them per head). Causal
 self-attention only (the method is not defined otherwise). Output is linear in ``v`` for a given
 gate, so ``materialize(call)`` returns the implicit ``(B, H, L, L)`` map for per-head gates.
 
@@ -222,7 +223,8 @@ def _parallel_map(q, k, f, chunk, scale, rope):
     s = (_rope(q, cidx, rope) @ _rope(hk, cidx, rope).transpose(-1, -2)) * scale
     s = torch.diagonal_scatter(s, (q * hk).sum(-1) * scale, dim1=-2, dim2=-1)
     is_end = (pos + 1) % chunk == 0
-    keep = (is_end[None, :] & (cidx[None, :] < cidx[:, None])) | torch.eye(L, dtype=torch.bool, device=q.device)
+    diagonal = torch.eye(L, dtype=torch.bool, device=q.device)
+    keep = (is_end[None, :] & (cidx[None, :] < cidx[:, None])) | diagonal
     return softmax(s.masked_fill(~keep, float("-inf"))), W
 
 

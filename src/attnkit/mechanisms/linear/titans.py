@@ -34,9 +34,10 @@ Confirmed in the paper (read in a public transcription of arXiv 2501.00663, whit
 ``repos/nested_learning/google_papers/TITANs/TITANs.md``): the update rule and loss (eqs. 12-14),
 chunk-wise gradients at ``M_{t'}`` with ``beta_i = prod (1 - alpha_j)`` (eq. 16), momentum as a linear
 recurrence over the chunk (eq. 18), retrieval ``y_t = M*(q_t)`` (eq. 15), persistent tokens prepended
-(eq. 19), MAG ``o = y (x) M(x~)`` where "we normalize the outputs y and M(x~) using learnable
-vector-valued weights, followed by a non-linearity", MAL, SiLU q/k/v with l2-normalised q, k and a
-depthwise conv after each projection (sec. 4.4). Cross-checked with fla's
+(eq. 19), MAG ``o = y (x) M(x~)`` with both branches normalised by learnable vector weights and then
+passed through a non-linearity, MAL, SiLU q/k/v with l2-normalised q, k and a
+depthwise conv after each projection (sec. 4.4); deeper memories (L_M = 1..4) help (sec. 5.5); models of
+170M-760M parameters trained on 15B/30B FineWeb-Edu tokens at 4K context (sec. 5.1). Cross-checked with fla's
 ``fla/ops/titans/naive.py`` (read after the update, ``q_t @ M_t``; anchor refreshed every chunk).
 Not in the paper (ours, [UNVERIFIED]): the memory MLP form ``x + LN(W_2 gelu(W_1 x))`` with expansion 4
 (titans-pytorch's default ``ResidualNorm(MemoryMLP(depth 2))``); which MAG branch gets the sigmoid;
@@ -115,7 +116,8 @@ class SlidingAttention(nn.Module):
 
     def __init__(self, dim, heads, kv_heads, head_dim, window, prefix):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.window, self.prefix = heads, kv_heads, head_dim, window, prefix
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.window, self.prefix = window, prefix
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
