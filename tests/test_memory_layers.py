@@ -376,8 +376,9 @@ def test_small_layers_of_every_shape_run(name):
 
 RSS_SCRIPT = textwrap.dedent("""
     import resource, sys, torch, attnkit as ak
-    from attnkit.mechanisms.linear import _memory as M, rat as R
+    from attnkit.mechanisms.linear import _memory as M
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     name, L = sys.argv[1], int(sys.argv[2])
     B, H, D = 1, 2, 16
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -271,7 +271,3 @@ def fresh_state(init: list[Tensor], batch: int, rule: Rule) -> MemoryState:
     Z = [z.expand(batch, *z.shape) for z in init]
     return MemoryState(0, Z, [torch.zeros_like(z) for z in Z], rule.weights(Z))
 
-
-def detach_state(state: MemoryState) -> MemoryState:  # for truncated back-propagation by users
-    return replace(state, Z=[z.detach() for z in state.Z], S=[s.detach() for s in state.S],
-                   anchor=[a.detach() for a in state.anchor])

@@ -33,9 +33,6 @@ from ...options import Option
 from ...registry import Method
 from . import _memory
 
-FORMS = ("chunked", "parallel", "recurrent")
-
-
 def working_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -199,4 +196,4 @@ def scaled_normal(Hkv: int, dims, zero_linear: bool = True) -> list[torch.Tensor
     return [torch.randn(Hkv, o, i) / math.sqrt(i) for i, o in zip(dims[:-1], dims[1:])]
 
 
-__all__ = ["MemoryBlock", "MemoryMethod", "CausalConv", "memory_options", "scaled_normal", "FORMS"]
+__all__ = ["MemoryBlock", "MemoryMethod", "CausalConv", "memory_options", "scaled_normal"]
