@@ -9,6 +9,16 @@ import attnkit as ak
 from helpers import rel_err
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run thousands of tiny ops: a second intra-op thread only adds synchronisation
+    (measured: 4x the wall time on a busy 2-core machine), so they run on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def official_block_on_a_row(layer, x):
     """MambaOut's ``GatedCNNBlock.forward`` without norm / residual, on a ``(B, 1, L, C)`` image:
     ``split(fc1) -> (g, i, c)``, ``Conv2d(k x k, padding k // 2, groups=C)`` on ``c``, ``fc2(gelu(g) *
