@@ -44,13 +44,15 @@ class Blocks:
     stages: int
 
 
-def blocks_for(kind: str, head_dim: int, dtype: torch.dtype) -> Blocks:
-    """Forward: 128 queries x 64 keys; dq and dk/dv: 64 x 64 (their float32 accumulators of
-    64 x D per program stay in registers: 8 warps at D = 128). Float32 inputs use half the tiles
-    (twice the shared memory per element)."""
-    wide = head_dim == 128
-    table = {"fwd": Blocks(128, 64, 8 if wide else 4, 3), "dq": Blocks(64, 64, 4, 3),
-             "dkv": Blocks(64, 64, 8 if wide else 4, 3)}
+def blocks_for(kind: str, head_dim: int, dtype: torch.dtype, act: int = 0) -> Blocks:
+    """Tile sizes (queries x keys), 8 warps, 3 stages: chosen so that no kernel variant spills
+    registers when compiled for sm_90 with Triton 3.6 (ptxas -v over every variant; softplus's
+    extra transcendentals need the narrower forward tile at D = 128). Float32 inputs use half the
+    tiles (twice the shared memory per element)."""
+    wide = head_dim > 64
+    table = {"fwd": Blocks(128, 32 if (wide and act == 1) else 64, 8, 3),
+             "dq": Blocks(64, 32 if wide else 64, 8, 3),
+             "dkv": Blocks(64, 32, 8, 3) if wide else Blocks(32, 128, 8, 3)}
     b = table[kind]
     if dtype == torch.float32:
         b = Blocks(max(16, b.m // 2), max(16, b.n // 2), b.warps, 2)
@@ -89,7 +91,7 @@ def forward(q, k, v, a: KernelArgs):
     out = torch.empty_like(q)
     den = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     z = torch.empty_like(den) if a.sharpen else den
-    blk = blocks_for("fwd", D, q.dtype)
+    blk = blocks_for("fwd", D, q.dtype, a.act)
     grid = (triton_cdiv(Lq, blk.m), B * H)
     common = (q, k, v, out)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
@@ -122,7 +124,7 @@ def backward(q, k, v, out, den, z, dout, a: KernelArgs):
     common = _launch_common(a, H, group, Lq, Lk)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     prec = _precision(q.dtype)
-    bq = blocks_for("dq", D, q.dtype)
+    bq = blocks_for("dq", D, q.dtype, a.act)
     grid_q = (triton_cdiv(Lq, bq.m), B * H)
     dq = torch.empty_like(q)
     flags = dict(ACT=a.act, CAUSAL=a.causal, SHARPEN=a.sharpen, HEAD_DIM=D, BLOCK_M=bq.m,
@@ -135,7 +137,7 @@ def backward(q, k, v, out, den, z, dout, a: KernelArgs):
     gdtype = k.dtype if group == 1 else torch.float32
     dk = torch.empty(B, H, Lk, D, dtype=gdtype, device=q.device)
     dv = torch.empty_like(dk)
-    bkv = blocks_for("dkv", D, q.dtype)
+    bkv = blocks_for("dkv", D, q.dtype, a.act)
     _bwd_kv_kernel[(triton_cdiv(Lk, bkv.n), B * H)](
         q, k, v, dout, dk, dv, invd, shift, zrow, erow, *strides, *dk.stride()[:3], *common,
         ACT=a.act, CAUSAL=a.causal, SHARPEN=a.sharpen, HEAD_DIM=D, BLOCK_M=bkv.m, BLOCK_N=bkv.n,

@@ -99,7 +99,7 @@ def _fwd_kernel(Q, K, V, O, DEN, ZROW,
                 FAST: tl.constexpr):
     """out_i = sum_j u_ij v_j (/ sum_j u_ij); DEN_i = sum_j u_ij. ROWSUM_ONLY: DEN_i = sum_j w_ij."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows start first
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*L*D may pass 2^31
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -161,7 +161,7 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, INVD, SHIFT, ZROW, EROW,
                 FAST: tl.constexpr):
     """dq_i = scale sum_j ds_ij k_j (DQ has q's strides). ROWTERM: EROW_i = sum_j gu_ij du_ij A_ij."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows start first
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*L*D may pass 2^31
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -230,7 +230,7 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, INVD, SHIFT, ZROW, EROW,
     """dk_j, dv_j of one query head (DK, DV: ``(B, H, Lk, D)``, strides s_g*), in the transposed
     layout: scores (keys x queries)."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*L*D may pass 2^31
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
