@@ -144,7 +144,9 @@ class Method:
     def build_layer(self, *, dim: int, heads: int, kv_heads: int, head_dim: int, causal: bool,
                     cross: bool, context_dim: int | None, **options: Any):
         """Methods of kind ``layer``: the ``nn.Module`` that ``ak.nn.Attention`` wraps. It takes
-        ``forward(x, context=None, cache=None)`` and ``init_cache(batch)``."""
+        ``forward(x, context=None, cache=None)`` and ``init_cache(batch)``. ``ak.nn.Attention``
+        also passes its ``rope``, ``rope_base``, ``bias`` and ``backend`` when they differ from
+        their defaults (False, 10000.0, False, "auto"); a layer that does not take one raises."""
         raise NotImplementedError(f"{self.info.name} is not a layer method")
 
     def __repr__(self) -> str:

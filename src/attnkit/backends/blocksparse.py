@@ -69,13 +69,23 @@ def _pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 def _scores(t: _Tiles, qb, kb, c0, c1, m0, m1):
     """Raw scores ``(B,H,C,bq,M,bk)``, the keep mask, the gathered tile indices and the index
     grids ``(b, h, q, k)`` for query blocks [c0, c1) x tile slots [m0, m1)."""
-    B, H = qb.shape[:2]
-    dev = qb.device
+    keep, idx, grid, added = _tile_mask(t, c0, c1, m0, m1)
+    bi, hi = grid[0][..., 0, 0], grid[1][..., 0, 0]
+    kg = kb[bi, hi, idx]  # (B,H,C,M,bk,D)
+    s = torch.einsum("bhcqd,bhcmkd->bhcqmk", qb[:, :, c0:c1], kg) * t.scale
+    if added is not None:
+        s = s + added.to(s.dtype)
+    return s, keep, idx, grid
+
+
+def _tile_mask(t: _Tiles, c0, c1, m0, m1):
+    """What ``_scores`` knows without the scores: the keep mask ``(B,H,C,1|bq,M,bk)``, the tile
+    indices, the index grids and the float ``attn_mask`` values to add to the scores (or None)."""
+    B, H = t.index.shape[:2]
+    dev = t.index.device
     idx = t.index[:, :, c0:c1, m0:m1]  # (B,H,C,M)
     bi = torch.arange(B, device=dev).view(B, 1, 1, 1)
     hi = torch.arange(H, device=dev).view(1, H, 1, 1)
-    kg = kb[bi, hi, idx]  # (B,H,C,M,bk,D)
-    s = torch.einsum("bhcqd,bhcmkd->bhcqmk", qb[:, :, c0:c1], kg) * t.scale
     C = idx.shape[2]
     qpos = (torch.arange(c0, c1, device=dev)[:, None] * t.block_q
             + torch.arange(t.block_q, device=dev)).view(1, 1, C, t.block_q, 1, 1)
@@ -92,6 +102,7 @@ def _scores(t: _Tiles, qb, kb, c0, c1, m0, m1):
         # rules see in-range positions only (padding rows/columns are dropped or masked anyway)
         rule = p.rule(rb, rh, qpos.clamp(max=t.q_len - 1), kpos.clamp(max=t.k_len - 1), t.params)
         keep = keep & (full[:, :, :, None, :, None] | rule)
+    added = None
     if t.attn_mask is not None:
         am = t.attn_mask
         vals = am[b6.clamp(max=am.shape[0] - 1), h6.clamp(max=am.shape[1] - 1),
@@ -99,8 +110,8 @@ def _scores(t: _Tiles, qb, kb, c0, c1, m0, m1):
         if am.dtype == torch.bool:
             keep = keep & vals
         else:
-            s = s + vals.to(s.dtype)
-    return s, keep, idx, (b6, h6, qpos, kpos)
+            added = vals
+    return keep, idx, (b6, h6, qpos, kpos), added
 
 
 def _modified(t: _Tiles, s, grid, mod_tensors):

@@ -64,9 +64,13 @@ class Attention(nn.Module):
         self.user_options = dict(options)
         self.inner = None
         if self.impl.info.kind == "layer":
+            # layer settings other than the defaults go to the method's layer, never silently dropped
+            settings = {name: value for name, value, default in (
+                ("rope", rope, False), ("rope_base", rope_base, 10000.0), ("bias", bias, False),
+                ("backend", backend, "auto")) if value != default}
             self.inner = self.impl.build_layer(dim=dim, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                                causal=causal, cross=cross, context_dim=context_dim,
-                                               **self.user_options)
+                                               **settings, **self.user_options)
             return
         cdim = context_dim or dim
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)

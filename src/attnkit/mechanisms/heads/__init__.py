@@ -1,0 +1,1 @@
+"""Head mixing: methods that weight or select attention heads (MoH)."""

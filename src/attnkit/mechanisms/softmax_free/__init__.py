@@ -1,0 +1,1 @@
+"""Softmax alternatives: an elementwise activation of the scores (sigmoid, softplus)."""
