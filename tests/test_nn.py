@@ -57,3 +57,11 @@ def test_encoder_classifier_trains_a_step():
     loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 0]))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_layer_method_refuses_settings_it_does_not_declare():
+    with pytest.raises(ak.ArgumentError, match="rope=True"):
+        ak.nn.Attention(32, 4, method="rat", causal=True, rope=True)
+    ak.nn.Attention(32, 4, method="moh", causal=True, rope=True)  # moh declares it
+    lm = ak.models.CausalLM(20, dim=32, heads=4, method="rat")  # models apply rope only where taken
+    assert not lm.blocks[0].attn.rope

@@ -57,6 +57,7 @@ class MethodInfo:
     accepts_mask: bool = False
     dropout: bool = False
     references: str = ""
+    layer_settings: frozenset[str] = frozenset()  # ak.nn.Attention settings a layer method takes
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -146,7 +147,8 @@ class Method:
         """Methods of kind ``layer``: the ``nn.Module`` that ``ak.nn.Attention`` wraps. It takes
         ``forward(x, context=None, cache=None)`` and ``init_cache(batch)``. ``ak.nn.Attention``
         also passes its ``rope``, ``rope_base``, ``bias`` and ``backend`` when they differ from
-        their defaults (False, 10000.0, False, "auto"); a layer that does not take one raises."""
+        their defaults (False, 10000.0, False, "auto") and ``info.layer_settings`` names them; a
+        setting the layer does not declare raises ArgumentError there."""
         raise NotImplementedError(f"{self.info.name} is not a layer method")
 
     def __repr__(self) -> str:

@@ -8,6 +8,15 @@ import torch
 from torch import nn
 
 from ..nn import Attention
+from ..registry import method_info
+
+
+def takes_rope(method: str) -> bool:
+    """Rotary positions apply to methods on ak.nn.Attention's projections; layer methods with their
+    own position handling (RAT's chunk RoPE, convolutions, recurrences) take them only if they
+    declare it in ``MethodInfo.layer_settings``."""
+    info = method_info(method)
+    return info.kind != "layer" or "rope" in info.layer_settings
 
 
 class MLP(nn.Module):
@@ -21,13 +30,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``. ``rope`` is used where the method takes
+    rotary positions (see ``takes_rope``)."""
 
     def __init__(self, dim: int, heads: int, *, causal: bool, method: str, rope: bool = True,
                  kv_heads: int | None = None, mlp_mult: int = 4, **options: Any):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, kv_heads=kv_heads, method=method, causal=causal, rope=rope, **options)
+        self.attn = Attention(dim, heads, kv_heads=kv_heads, method=method, causal=causal,
+                              rope=rope and takes_rope(method), **options)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_mult)
 

@@ -68,6 +68,12 @@ class Attention(nn.Module):
             settings = {name: value for name, value, default in (
                 ("rope", rope, False), ("rope_base", rope_base, 10000.0), ("bias", bias, False),
                 ("backend", backend, "auto")) if value != default}
+            refused = sorted(set(settings) - self.impl.info.layer_settings)
+            if refused:
+                raise ArgumentError(
+                    f"method {method!r} is a layer with its own projections and positions; it does not take "
+                    f"{', '.join(f'{n}={settings[n]!r}' for n in refused)}. Leave "
+                    f"{'it' if len(refused) == 1 else 'them'} at the default.")
             self.inner = self.impl.build_layer(dim=dim, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                                causal=causal, cross=cross, context_dim=context_dim,
                                                **settings, **self.user_options)

@@ -156,6 +156,7 @@ class MoHLayer(nn.Module):
 @register
 class MoH(Method):
     info = MethodInfo(
+        layer_settings=frozenset({"rope", "rope_base", "bias", "backend"}),
         name="moh", family="N", kind="layer", patterns=ALL_PATTERNS, decode=True, seed=(70,),
         summary="Mixture-of-Head attention: router picks top-k routed heads + shared heads, "
                 "weighted sum of head outputs, balance loss (layer)",

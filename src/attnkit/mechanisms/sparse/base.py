@@ -145,6 +145,7 @@ class SelectionEngine:
 
     def __init__(self, inner):
         self.inner, self.name = inner, inner.name
+        self.compiles = getattr(inner, "compiles", False)
         if hasattr(inner, "auto_skip"):
             self.auto_skip = lambda call, sel: inner.auto_skip(*self._inner_args(call, sel))
 
