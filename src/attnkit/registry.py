@@ -12,11 +12,12 @@ The benchmark hook. ``attnkit bench`` runs every registered method with the opti
 - it returns only what differs from the declared defaults or is required (``sliding_window`` needs a
   ``window``, grid methods a ``grid`` whose product is the length); ``{}`` (the default) means the
   method's defaults; the options are validated like a user's;
-- ``density`` in ``(0, 1]``, when given, asks for the share of keys a query keeps out of those the
-  pattern lets it see (all ``k_len`` keys noncausal; keys ``j <= i + k_len - q_len`` causal), for
-  the fidelity-vs-density sweep; a method with a sparsity knob (window, top-k, blocks kept) maps it
-  to that knob; a method without one raises ``NotImplementedError`` (the base class does), and the
-  benchmark records the sweep as ``n-a``;
+- ``density`` in ``(0, 1]``, when given, asks for that share of the ``q_len x k_len`` (query, key)
+  pairs to be kept (the convention of ``Pattern.density`` and of the FLOP count: dense causal is
+  about 0.5), for the fidelity-vs-density sweep; a method with a sparsity knob (window, top-k,
+  blocks kept) maps it to that knob as closely as it can (the benchmark measures and reports the
+  density actually reached); a method without one raises ``NotImplementedError`` (the base class
+  does), and the benchmark records the sweep as ``n-a``;
 - a method that cannot be configured for these lengths raises ``OptionError`` saying why; the
   benchmark records that size as ``n-a`` with the message.
 """
