@@ -311,8 +311,8 @@ def extra_methods():
 
 
 def test_layer_methods_and_leaks_are_measured(tmp_path, extra_methods):
-    run_bench(tiny(), tmp_path, methods_=["_test_layer", "_test_leaky", "dense"], tiers=["K1", "F1", "F2"],
-              report=True)
+    run_bench(tiny(patterns=("causal-self", "noncausal-cross", "causal-cross")), tmp_path,
+              methods_=["_test_layer", "_test_leaky", "dense"], tiers=["K1", "K2", "F1", "F2"], report=True)
     store = Store(tmp_path)
     rows = store.rows(store.run()["run_id"])
     get = {(r.tier, r.method, r.pattern, r.variant, r.q_len): r for r in rows}
@@ -321,6 +321,7 @@ def test_layer_methods_and_leaks_are_measured(tmp_path, extra_methods):
     dense = [r for r in rows if r.tier == "K1" and r.method == "dense" and r.variant == "fwd"
              and r.pattern == "causal-self"]
     assert {r.size["unit"] for r in dense} == {"op", "layer"} and all(r.status == "ok" for r in dense)
+    assert get["K2", "_test_layer", "causal-self", "train", 128].status == "ok"  # the forked memory worker
     assert get["F2", "_test_layer", "causal-self", "leak", 40].metrics["pass"]
     leak = get["F2", "_test_leaky", "causal-self", "leak", 40]
     assert leak.status == "ok" and not leak.metrics["pass"]

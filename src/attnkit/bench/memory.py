@@ -11,18 +11,17 @@ differences of a few percent noise. A worker killed by the operating system (out
 reported as ``oom`` and restarted. Where ``/proc`` or glibc is missing the measurement is ``n-a``
 with the reason.
 
-Protocol: one JSON object per line on stdin (``{"case": ..., "mode": "fwd" | "train"}``), one per
-line on stdout (``{"status", "backend", "metrics", "reason"}``).
+The worker is a forked process with one torch thread (memory does not depend on the thread count
+beyond small per-thread buffers); it receives ``(case, mode)`` and answers
+``{"status", "backend", "metrics", "reason"}``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
+import multiprocessing
 import os
 import platform
-import subprocess
-import sys
 from functools import lru_cache
 from typing import Any
 
@@ -67,17 +66,19 @@ def rss_peak_mib(fn) -> float:
 
 
 class Worker:
-    """The parent's handle on the measuring process (started lazily, restarted after a crash)."""
+    """The parent's handle on the measuring process: forked (so methods registered at run time
+    exist there too), one torch thread, started lazily and restarted after a crash."""
 
-    def __init__(self, threads: int):
-        self.threads = threads
-        self.proc: subprocess.Popen | None = None
+    def __init__(self):
+        self.proc: multiprocessing.Process | None = None
+        self.conn = None
 
     def _start(self) -> None:
-        env = dict(os.environ, ATTNKIT_THREADS=str(self.threads))
-        self.proc = subprocess.Popen([sys.executable, "-c", "from attnkit.bench.memory import main; main()"],
-                                     stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
+        ctx = multiprocessing.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self.proc.start()
+        child.close()
 
     def measure(self, case, mode: str) -> tuple[str, dict[str, Any]]:
         from .cases import NotApplicable
@@ -85,25 +86,27 @@ class Worker:
         why = unavailable()
         if why:
             raise NotApplicable(why)
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None or not self.proc.is_alive():
             self._start()
-        self.proc.stdin.write(json.dumps({"case": case.to_json(), "mode": mode}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            code = self.proc.wait()
+        self.conn.send((case.to_json(), mode))
+        try:
+            reply = self.conn.recv()
+        except EOFError:
+            self.proc.join()
+            code = self.proc.exitcode
             self.proc = None
-            raise MemoryError(f"the memory worker died (exit code {code}; -9 is the kernel's OOM killer)")
-        reply = json.loads(line)
+            raise MemoryError(f"the memory worker died (exit code {code}; -9 is the kernel's OOM killer)") from None
         if reply["status"] == "ok":
             return reply["backend"], reply["metrics"]
         raise _Reported(reply["status"], reply["reason"])
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
-        self.proc = None
+        if self.proc is not None and self.proc.is_alive():
+            self.conn.send(None)
+            self.proc.join(timeout=30)
+        if self.conn is not None:
+            self.conn.close()
+        self.proc = self.conn = None
 
 
 class _Reported(Exception):
@@ -129,14 +132,9 @@ def _measure(case_json: dict[str, Any], mode: str) -> dict[str, Any]:
         return {"status": status, "reason": reason}
 
 
-def main() -> None:
+def _serve(conn) -> None:
     import torch
 
-    torch.set_num_threads(int(os.environ.get("ATTNKIT_THREADS", "1")))
-    for line in sys.stdin:
-        job = json.loads(line)
-        print(json.dumps(_measure(job["case"], job["mode"])), flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    torch.set_num_threads(1)
+    while (job := conn.recv()) is not None:
+        conn.send(_measure(*job))

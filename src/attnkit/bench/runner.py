@@ -85,7 +85,7 @@ def run_bench(preset: Preset, out: str | Path, *, methods_: Sequence[str] | None
         run_id = store.new_run(preset.name, device, machine,
                                {"methods": selected, "tiers": tier_list, "time_limit": time_limit})
     ctx = Context(preset, device, selected, _check_names(task_methods), out / "cache", previous,
-                  Worker(torch.get_num_threads()), store, run_id)
+                  Worker(), store, run_id)
     started = time.perf_counter()
     new_rows = 0
     stopped = None
