@@ -61,15 +61,6 @@ class Case:
     def cross(self) -> bool:
         return self.pattern.endswith("cross")
 
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["shape"] = self.shape.as_dict()
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Case:
-        return cls(**{**d, "shape": Shape(**d["shape"])})
-
 
 def lengths(pattern: str, length: int) -> tuple[int, int]:
     """``(Lq, Lk)`` of a benchmark size: self ``(L, L)``; cross ``(L // 2, L)`` (queries attend to a
@@ -167,11 +158,6 @@ def _layer(case: Case, device, seed: int) -> Runnable:
     if case.cross:
         return Runnable(lambda x, c: layer(x, context=c), "layer", tuple(layer.parameters()))
     return Runnable(lambda x: layer(x), "layer", tuple(layer.parameters()))
-
-
-def dense_twin(case: Case) -> Case:
-    """The dense baseline of the same unit and size (dense ``ak.nn.Attention`` for layers)."""
-    return Case("dense", case.pattern, case.q_len, case.k_len, case.shape, {}, "auto", case.unit)
 
 
 # -- outcomes ------------------------------------------------------------------------------------

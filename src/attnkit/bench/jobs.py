@@ -15,7 +15,7 @@ from ..registry import get_method
 from . import fidelity as fid
 from . import ops
 from .capture import BATCH, HEADS, LAYERS, WIDTH
-from .cases import NotApplicable, Shape, bench_options, dense_twin, make_case, unit_of
+from .cases import NotApplicable, Shape, bench_options, make_case, unit_of
 from .config import SELF_PATTERNS, Preset
 from .store import Row
 from .tasks import TASK_OF_TIER, TASKS
@@ -44,7 +44,7 @@ class Context:
     worker: Any = None                                      # CPU memory worker
     store: Any = None
     run_id: str = ""
-    _refs: dict = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)
 
 
 def _row(tier: str, name: str, pattern: str, **fields: Any) -> Row:
@@ -118,7 +118,7 @@ def _speed_case(name: str, backend: str, pattern: str, length: int, shape: Shape
     if pattern == "causal-cross":
         return None, "ak.nn.Attention has no causal cross-attention layer"
     case, why = _case_or_na(name, pattern, length, shape)
-    return (replace(dense_twin(case), unit="layer") if case else None), why
+    return (replace(case, unit="layer") if case else None), why
 
 
 def _speed_measure(ctx, tier, case, why, mode, key, slow, length) -> Measure:
@@ -160,9 +160,9 @@ def _efficiency(ctx, name, pattern, tier, mode, metric) -> Measure:
     def measure():
         if pattern not in get_method(name).info.patterns:
             raise NotApplicable(f"{name} does not support {pattern}")
-        if ("rows", tier) not in ctx._refs:  # K1/K2 are complete when K3 starts: read them once
-            ctx._refs["rows", tier] = ctx.store.rows(ctx.run_id, tier)
-        rows = ctx._refs["rows", tier]
+        if ("rows", tier) not in ctx.memo:  # K1/K2 are complete when K3 starts: read them once
+            ctx.memo["rows", tier] = ctx.store.rows(ctx.run_id, tier)
+        rows = ctx.memo["rows", tier]
         mine = {r.size.get("length"): r for r in rows if r.method == name and r.pattern == pattern
                 and r.variant == mode and r.status == "ok"}
         unit = next((r.size.get("unit") for r in mine.values()), "op")
@@ -216,9 +216,9 @@ def _fidelity_job(ctx, name, pattern, family, density) -> Job:
             raise NotApplicable(why)
         qkv = fid.for_pattern(_family(ctx, family), pattern)
         ref_key = (family, pattern)
-        if ref_key not in ctx._refs:
-            ctx._refs[ref_key] = fid.exact(*qkv, causal=case.causal)
-        backend, metrics = fid.fidelity(case, qkv, ctx._refs[ref_key], ctx.device)
+        if ref_key not in ctx.memo:
+            ctx.memo[ref_key] = fid.exact(*qkv, causal=case.causal)
+        backend, metrics = fid.fidelity(case, qkv, ctx.memo[ref_key], ctx.device)
         metrics["target_density"] = density
         return backend, metrics
     return Job(row, measure)
@@ -226,9 +226,9 @@ def _fidelity_job(ctx, name, pattern, family, density) -> Job:
 
 def _family(ctx: Context, family: str):
     key = ("inputs", family)
-    if key not in ctx._refs:
-        ctx._refs[key] = fid.family_inputs(family, ctx.preset.fidelity, ctx.cache_dir, ctx.device)
-    return ctx._refs[key]
+    if key not in ctx.memo:
+        ctx.memo[key] = fid.family_inputs(family, ctx.preset.fidelity, ctx.cache_dir, ctx.device)
+    return ctx.memo[key]
 
 
 # -- F2 ------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ class Worker:
             raise NotApplicable(why)
         if self.proc is None or not self.proc.is_alive():
             self._start()
-        self.conn.send((case.to_json(), mode))
+        self.conn.send((case, mode))
         try:
             reply = self.conn.recv()
         except EOFError:
@@ -117,12 +117,11 @@ class _Reported(Exception):
         self.bench_status = status
 
 
-def _measure(case_json: dict[str, Any], mode: str) -> dict[str, Any]:
-    from .cases import Case, outcome
+def _measure(case, mode: str) -> dict[str, Any]:
+    from .cases import outcome
     from .ops import callables
 
     try:
-        case = Case.from_json(case_json)
         fn, arg_sets, backend = callables(case, "cpu", "fwd" if mode == "fwd" else "fwd+bwd", 1)
         fn(*arg_sets[0])  # warm-up: one-time allocations are not the method's
         peak = rss_peak_mib(lambda: fn(*arg_sets[0]))

@@ -167,6 +167,8 @@ def _execute(job: Job, run_id: str, machine: dict, store: Store) -> None:
     except Exception as err:  # noqa: BLE001 - a method's failure is a row, not the end of the run
         row.status, row.reason = outcome(err)
         row.metrics, row.backend = {}, None
+        if row.status == "oom" and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give the next case the memory the failed one held
     row.wall_s = time.perf_counter() - start
     store.add(row)
 
