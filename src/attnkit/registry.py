@@ -2,6 +2,24 @@
 
 This module imports nothing heavy. The method modules register themselves when
 ``attnkit.mechanisms`` is imported, which happens on the first lookup.
+
+The benchmark hook. ``attnkit bench`` runs every registered method with the options returned by
+``Method.bench_options(q_len, k_len, density=None)``:
+
+- it is called once per benchmark size with the call's query and key lengths (self-attention:
+  ``q_len == k_len``; cross: they differ; task models: the training length for both) and must be
+  deterministic (no randomness: the same arguments give the same dict);
+- it returns only what differs from the declared defaults or is required (``sliding_window`` needs a
+  ``window``, grid methods a ``grid`` whose product is the length); ``{}`` (the default) means the
+  method's defaults; the options are validated like a user's;
+- ``density`` in ``(0, 1]``, when given, asks for that share of the ``q_len x k_len`` (query, key)
+  pairs to be kept (the convention of ``Pattern.density`` and of the FLOP count: dense causal is
+  about 0.5), for the fidelity-vs-density sweep; a method with a sparsity knob (window, top-k,
+  blocks kept) maps it to that knob as closely as it can (the benchmark measures and reports the
+  density actually reached); a method without one raises ``NotImplementedError`` (the base class
+  does), and the benchmark records the sweep as ``n-a``;
+- a method that cannot be configured for these lengths raises ``OptionError`` saying why; the
+  benchmark records that size as ``n-a`` with the message.
 """
 
 from __future__ import annotations
@@ -111,6 +129,8 @@ class Method:
       A method whose options are tensors sized by the model (e.g. embeddings ``(H, R, D)``) may add
       keyword parameters ``heads`` / ``kv_heads`` / ``head_dim``: callers that know the sizes pass
       those the signature names (see ``sample_shape_keywords``).
+    - ``bench_options(q_len, k_len, density=None)`` gives the deterministic configuration the
+      benchmark runs (see the module docstring for the exact contract).
     """
 
     info: MethodInfo
@@ -141,6 +161,16 @@ class Method:
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return dict(shape)
         return {k: v for k, v in shape.items() if k in params}
+
+    def bench_options(self, q_len: int, k_len: int, density: float | None = None) -> dict[str, Any]:
+        """Options for ``attnkit bench`` at these lengths: ``{}`` = the declared defaults. With
+        ``density``, map it to the method's sparsity knob, or raise NotImplementedError when there
+        is none (contract in the module docstring)."""
+        if density is not None:
+            raise NotImplementedError(
+                f"method {self.info.name!r} has no sparsity knob to set a density with "
+                "(Method.bench_options)")
+        return {}
 
     def build_layer(self, *, dim: int, heads: int, kv_heads: int, head_dim: int, causal: bool,
                     cross: bool, context_dim: int | None, **options: Any):

@@ -181,6 +181,11 @@ class Linear(RecurrentMethod):
                 "normalize": bool(rng.random() < 0.8),
                 "chunk_size": int(rng.integers(1, 40))}
 
+    def bench_options(self, q_len, k_len, density=None):
+        """The paper's configuration (elu + 1 features, normalized) is the declared default; there is
+        no sparsity knob, so a density raises NotImplementedError (the base class's rule)."""
+        return super().bench_options(q_len, k_len, density)
+
     def init_state(self, batch, heads, head_dim, value_dim, *, dtype, device, options):
         wd = dtype if dtype == torch.float64 else torch.float32
         return LinearState(torch.zeros(batch, heads, head_dim, value_dim, dtype=wd, device=device),

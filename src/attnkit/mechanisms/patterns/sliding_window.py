@@ -15,6 +15,8 @@ from ...patterns.interval import SlidingWindow, window_sides
 from ...registry import MethodInfo, options, register
 from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS, PatternMethod
 
+BENCH_WINDOW = 16  # CAB's local attention window (Shark-NLP/CAB efficiency-length script)
+
 
 @register
 class SlidingWindowMethod(PatternMethod):
@@ -39,3 +41,10 @@ class SlidingWindowMethod(PatternMethod):
         if rng.random() < 0.5:
             return {"window": int(rng.integers(1, max(2, k_len + 3)))}
         return {"left": int(rng.integers(0, k_len + 2)), "right": int(rng.integers(0, k_len + 2))}
+
+    def bench_options(self, q_len, k_len, density=None):
+        """A fixed ``window`` of 16 keys, CAB's local attention (cost linear in L); with ``density``, ``window = round(density * k_len)``, which keeps about that share of
+        the ``q_len x k_len`` pairs causal or not (fewer at the sequence edges)."""
+        if density is None:
+            return {"window": BENCH_WINDOW}
+        return {"window": max(1, round(density * k_len))}
