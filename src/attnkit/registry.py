@@ -155,9 +155,14 @@ class Method:
 
     def sample_shape_keywords(self, **shape: int) -> dict[str, int]:
         """The entries of ``shape`` (heads, kv_heads, head_dim) that ``sample_options`` accepts."""
+        return self.shape_keywords(self.sample_options, **shape)
+
+    @staticmethod
+    def shape_keywords(fn, **shape: int) -> dict[str, int]:
+        """The entries of ``shape`` that the hook ``fn`` names in its signature."""
         import inspect
 
-        params = inspect.signature(self.sample_options).parameters
+        params = inspect.signature(fn).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return dict(shape)
         return {k: v for k, v in shape.items() if k in params}

@@ -57,6 +57,10 @@ class Case:
     def causal(self) -> bool:
         return self.pattern in CAUSAL_PATTERNS
 
+    def options_on(self, device) -> dict[str, Any]:
+        """The options with tensor-valued ones (ids, embeddings) moved to ``device``."""
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.options.items()}
+
     @property
     def cross(self) -> bool:
         return self.pattern.endswith("cross")
@@ -73,11 +77,15 @@ def unit_of(impl: Method) -> str:
     return "layer" if impl.info.kind == "layer" and not impl.engines() else "op"
 
 
-def bench_options(impl: Method, q_len: int, k_len: int, density: float | None = None) -> dict[str, Any]:
+def bench_options(impl: Method, q_len: int, k_len: int, density: float | None = None,
+                  shape: Shape | None = None) -> dict[str, Any]:
     """The method's benchmark configuration (``Method.bench_options``); NotApplicable when the
-    method has no density knob or cannot be configured for these lengths."""
+    method has no density knob or cannot be configured for these lengths. Methods whose
+    ``bench_options`` names ``heads`` / ``kv_heads`` / ``head_dim`` get them from ``shape``."""
+    sizes = {} if shape is None else impl.shape_keywords(
+        impl.bench_options, heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim)
     try:
-        opts = impl.bench_options(q_len, k_len, density)
+        opts = impl.bench_options(q_len, k_len, density, **sizes)
     except NotImplementedError as err:
         raise NotApplicable(str(err) or f"{impl.info.name} has no bench_options for density={density}") from None
     except AttnkitError as err:
@@ -97,7 +105,7 @@ def make_case(name: str, pattern: str, length: int, shape: Shape, density: float
     if unit == "layer" and pattern == "causal-cross":
         raise NotApplicable("ak.nn.Attention has no causal cross-attention layer (a cross layer lets "
                             "every query see the whole context), so a layer-only method cannot run it")
-    return Case(name, pattern, q_len, k_len, shape, bench_options(impl, q_len, k_len, density), backend, unit)
+    return Case(name, pattern, q_len, k_len, shape, bench_options(impl, q_len, k_len, density, shape), backend, unit)
 
 
 # -- inputs and callables ------------------------------------------------------------------------
@@ -134,7 +142,7 @@ def runnable(case: Case, device, inputs: tuple[torch.Tensor, ...], *, seed: int 
     from ..api import attend, explain
 
     kwargs = dict(is_causal=case.causal, enable_gqa=case.shape.kv_heads != case.shape.heads,
-                  method=case.method, backend=case.backend, **case.options)
+                  method=case.method, backend=case.backend, **case.options_on(device))
     try:
         why = explain(*inputs, **kwargs)
     except (AttnkitError, NotImplementedError) as err:
@@ -151,7 +159,7 @@ def _layer(case: Case, device, seed: int) -> Runnable:
     try:
         layer = Attention(dim, s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim, method=case.method,
                           causal=case.causal, cross=case.cross, context_dim=dim if case.cross else None,
-                          **case.options)
+                          **case.options_on(device))
     except (AttnkitError, NotImplementedError) as err:
         raise NotApplicable(f"ak.nn.Attention({case.method!r}): {type(err).__name__}: {err}") from None
     layer = layer.to(device=device, dtype=DTYPES[s.dtype])

@@ -114,10 +114,11 @@ def fidelity(case: Case, qkv, ref: tuple[torch.Tensor, torch.Tensor], device, dt
     if case.unit == "layer":
         raise NotApplicable("a layer-only method has no functional form to run on given q/k/v")
     q, k, v = (t.to(device=device, dtype=dtype) for t in qkv)
-    kwargs = dict(is_causal=case.causal, enable_gqa=q.shape[1] != k.shape[1], method=case.method, **case.options)
+    opts = case.options_on(device)
+    kwargs = dict(is_causal=case.causal, enable_gqa=q.shape[1] != k.shape[1], method=case.method, **opts)
     try:
         _, call, _, why = _dispatch(q, k, v, None, 0.0, case.causal, None, q.shape[1] != k.shape[1],
-                                    case.method, "auto", None, case.options)
+                                    case.method, "auto", None, opts)
     except Exception as err:  # noqa: BLE001 - a refusal at validation is n-a, with its message
         raise NotApplicable(f"{type(err).__name__}: {err}") from None
     torch.manual_seed(seed)

@@ -189,7 +189,7 @@ def fidelity_jobs(ctx: Context) -> list[Job]:
             for family in fid.FAMILIES:
                 jobs.append(_fidelity_job(ctx, name, pattern, family, None))
         try:
-            bench_options(get_method(name), cfg.length, cfg.length, cfg.densities[0])
+            bench_options(get_method(name), cfg.length, cfg.length, cfg.densities[0], cfg.shape)
         except NotApplicable as err:  # one row says why the sweep does not apply
             jobs.append(Job(_row("F1", name, "noncausal-self", variant="density sweep"), _na(str(err))))
             continue

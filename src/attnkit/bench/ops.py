@@ -89,7 +89,7 @@ def kept_share(case: Case, device) -> float | None:
     s = case.shape
     q, k, v = op_inputs(case, device, 0)
     impl, call, _, why = _dispatch(q, k, v, None, 0.0, case.causal, None, s.kv_heads != s.heads,
-                                   case.method, case.backend, None, case.options)
+                                   case.method, case.backend, None, case.options_on(device))
     if isinstance(impl, PatternMethod) and hasattr(why.plan, "pattern"):
         return float(why.plan.pattern.density(case.q_len, case.k_len, device=device))
     if s.batch * s.heads * case.q_len * case.k_len > DENSITY_LIMIT:

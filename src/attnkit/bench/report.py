@@ -211,7 +211,8 @@ def headline(rows: list[Row]) -> list[dict[str, str]]:
         if f2:
             ok = [r for r in f2 if r.status == "ok"]
             leaks = [r for r in ok if not r.metrics.get("pass")]
-            line["leak test"] = "LEAK" if leaks else (f"pass {len(ok)}/{len(f2)}" if ok else "n/a")
+            passed = "+".join(SHORT[r.pattern] for r in ok if r.pattern in SHORT)
+            line["leak test"] = "LEAK" if leaks else (f"pass {passed}" if ok else "n/a")
         accs = [b for (m, _), b in mq.items() if m == name]
         if accs:
             line["MQAR acc"] = f"{max(a['mean'] for a in accs):.3f}"

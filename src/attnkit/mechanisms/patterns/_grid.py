@@ -80,3 +80,19 @@ def sample_block_size(rng, length: int) -> int:
     """Engine tile sizes for property tests: small ones give several tiles (full, partial, empty)
     at the short lengths the tests use, and cheap ones."""
     return int(rng.choice([16, 32] if length <= 64 else [16, 32, 128]))
+
+
+def bench_grid(length: int, rank: int) -> tuple[int, ...]:
+    """The benchmark's layout for ``length`` tokens: near-square, frames first for rank 3
+    (OptionError when ``length`` has no such factorization with every side >= 2)."""
+    dims = suggest_grid(length, rank)
+    if rank > 1 and min(dims) < 2:
+        raise OptionError(f"L={length} has no {rank}-D layout with every side >= 2 for the benchmark.")
+    return dims
+
+
+def odd_kernel(area: float, rank: int, limit: tuple[int, ...]) -> tuple[int, ...]:
+    """Odd per-dimension kernel sizes whose product is close to ``area`` (capped by the grid)."""
+    side = max(1.0, area ** (1 / rank))
+    k = max(1, int(round(side)) | 1)
+    return tuple(min(k, n if n % 2 else n - 1) or 1 for n in limit)

@@ -16,6 +16,7 @@ from ...registry import MethodInfo, options, register
 from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS, PatternMethod
 from ._grid import random_grid, sample_block_size
 from .radial import FRAMES, TOKENS_PER_FRAME, VIDEO_GRID, video_layout
+from ._grid import bench_grid
 
 
 @register
@@ -37,6 +38,12 @@ class DividedSpaceTimeMethod(PatternMethod):
         layout = video_layout("divided_space_time", o, call.q_len)  # checks grid / frames against L
         grid = layout if o["grid"] is None else o["grid"]
         return DividedSpaceTime(grid, o["window"], o["causal_time"])
+
+    def bench_options(self, q_len, k_len, density=None):
+        """A (frames, height, width) layout; spatial window 1 (the same position across frames)."""
+        if density is not None:
+            return super().bench_options(q_len, k_len, density)
+        return {"grid": bench_grid(q_len, 3)}
 
     def sample_options(self, rng, q_len, k_len):
         grid = random_grid(rng, q_len, max_rank=3, min_rank=2)

@@ -45,6 +45,17 @@ class DocumentMethod(PatternMethod):
         return document(o["document_ids"], lengths=o["lengths"], q_document_ids=o["q_document_ids"],
                         k_document_ids=o["k_document_ids"], causal=call.is_causal)
 
+    def bench_options(self, q_len, k_len, density=None):
+        """Four packed documents of equal length (self-attention), or per-side ids (cross)."""
+        if density is not None:
+            return super().bench_options(q_len, k_len, density)
+        if q_len == k_len:
+            return {"lengths": [k_len // 4] * 3 + [k_len - 3 * (k_len // 4)]}
+        import torch
+
+        return {"q_document_ids": (torch.arange(q_len) * 4 // q_len)[None],
+                "k_document_ids": (torch.arange(k_len) * 4 // k_len)[None]}
+
     def sample_options(self, rng, q_len, k_len):
         opts = {"block_size": int(rng.choice([16, 32]))}
         if q_len > k_len or (q_len != k_len and rng.random() < 0.4):

@@ -44,6 +44,17 @@ class FrameCausalMethod(PatternMethod):
         frames, per_frame = video_layout("frame_causal", o, video)
         return FrameCausal(per_frame, frames, o["context_tokens"], o["context_attends"])
 
+    def bench_options(self, q_len, k_len, density=None):
+        """Eight frames (four for short sequences) of ``L / frames`` tokens each."""
+        if density is not None:
+            return super().bench_options(q_len, k_len, density)
+        frames = 8 if q_len % 8 == 0 and q_len >= 256 else 4
+        if q_len % frames:
+            from ...errors import OptionError
+
+            raise OptionError(f"L={q_len} does not split into {frames} frames")
+        return {"frames": frames}
+
     def sample_options(self, rng, q_len, k_len):
         context = int(rng.integers(0, q_len // 4 + 1)) if rng.random() < 0.5 else 0
         per_frame = int(rng.choice(divisors(q_len - context)))

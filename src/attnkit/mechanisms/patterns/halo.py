@@ -14,6 +14,7 @@ from ...patterns.halo import Halo
 from ...registry import MethodInfo, options, register
 from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS, PatternMethod
 from ._grid import GRID, divisors, random_grid, resolve_grid, sample_block_size
+from ._grid import bench_grid
 
 
 @register
@@ -32,6 +33,14 @@ class HaloMethod(PatternMethod):
     def build_pattern(self, call):
         o = call.options
         return Halo(resolve_grid("halo", o["grid"], call.q_len), o["block"], o["halo"])
+
+    def bench_options(self, q_len, k_len, density=None):
+        """A 2-D layout with HaloNet's defaults (block 8, halo 3) where the grid allows."""
+        if density is not None:
+            return super().bench_options(q_len, k_len, density)
+        grid = bench_grid(q_len, 2)
+        block = next((b for b in (8, 4, 2, 1) if all(n % b == 0 for n in grid)), 1)
+        return {"grid": grid, "block": block, "halo": min(3, block)}
 
     def sample_options(self, rng, q_len, k_len):
         grid = random_grid(rng, q_len)

@@ -23,6 +23,7 @@ from ...patterns.neighborhood import Neighborhood
 from ...registry import MethodInfo, options, register
 from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS, PatternMethod
 from ._grid import GRID, random_grid, resolve_grid, sample_block_size
+from ._grid import bench_grid, odd_kernel
 
 
 @register
@@ -52,6 +53,12 @@ class NeighborhoodMethod(PatternMethod):
                               "e.g. kernel_size=7.")
         causal = causal_dims(o["causal_dims"], call.is_causal, len(grid))
         return Neighborhood(grid, o["kernel_size"], o["dilation"], o["stride"], causal)
+
+    def bench_options(self, q_len, k_len, density=None):
+        """A 2-D layout (near-square grid); kernel 7x7, or the kernel area that keeps ``density``."""
+        grid = bench_grid(q_len, 2)
+        area = 49 if density is None else density * q_len
+        return {"grid": grid, "kernel_size": odd_kernel(area, 2, grid)}
 
     def sample_options(self, rng, q_len, k_len):
         grid = random_grid(rng, q_len)

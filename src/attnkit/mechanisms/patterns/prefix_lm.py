@@ -36,5 +36,11 @@ class PrefixLMMethod(PatternMethod):
                               f"{call.device}; move it with prefix.to(query.device).")
         return prefix_lm(prefix)
 
+    def bench_options(self, q_len, k_len, density=None):
+        """A prefix of a quarter of the keys."""
+        if density is not None:
+            return super().bench_options(q_len, k_len, density)
+        return {"prefix": k_len // 4}
+
     def sample_options(self, rng, q_len, k_len):
         return {"prefix": int(rng.integers(0, k_len + 3)), "block_size": int(rng.choice([16, 32]))}

@@ -78,6 +78,17 @@ class RadialMethod(PatternMethod):
         frames, per_frame = video_layout("radial", o, video)
         return Radial(frames, per_frame, o["decay_factor"], o["mask_block"], o["model_type"], o["split_threshold"])
 
+    def bench_options(self, q_len, k_len, density=None):
+        """Eight frames (four for short sequences) of ``L / frames`` tokens each."""
+        if density is not None:
+            return super().bench_options(q_len, k_len, density)
+        frames = 8 if q_len % 8 == 0 and q_len >= 256 else 4
+        if q_len % frames:
+            from ...errors import OptionError
+
+            raise OptionError(f"L={q_len} does not split into {frames} frames")
+        return {"frames": frames}
+
     def sample_options(self, rng, q_len, k_len):
         text = int(rng.integers(0, q_len // 4 + 1))
         frames = int(rng.choice(divisors(q_len - text)))

@@ -93,6 +93,19 @@ class RelativeMethod(PatternMethod):
         return reference(call.query, call.key, call.value, mask=keep, bias=bias,
                          scale=call.scale).to(call.dtype)
 
+    def bench_options(self, q_len, k_len, density=None, *, head_dim=None):
+        """A fixed (R = 2 min(Lk, 128) - 1, D) table of small deterministic embeddings."""
+        if density is not None:
+            return super().bench_options(q_len, k_len, density)
+        if head_dim is None:
+            from ...errors import OptionError
+
+            raise OptionError("relative needs the head dim to size its embeddings")
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        return {"embeddings": torch.randn(2 * min(k_len, 128) - 1, head_dim, generator=gen) * 0.1}
+
     def sample_options(self, rng, q_len, k_len, *, heads=None, head_dim=None):
         if head_dim is None:
             raise ValueError("relative.sample_options needs head_dim (and heads) to size the embeddings")

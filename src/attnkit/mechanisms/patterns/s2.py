@@ -45,6 +45,12 @@ class S2Method(PatternMethod):
                   head_sliding_step=o["head_sliding_step"], head_sliding_offset=o["head_sliding_offset"],
                   vert_position_type=o["vert_position_type"])
 
+    def bench_options(self, q_len, k_len, density=None):
+        """Blocks scaled to the length (L/64, at least 16 tokens): 4 local blocks, vertical stride 8."""
+        if density is not None:
+            return super().bench_options(q_len, k_len, density)
+        return {"sparse_block_size": max(16, k_len // 64), "local_blocks": 4, "vert_stride": 8}
+
     def sample_options(self, rng, q_len, k_len):
         local = int(rng.integers(1, 4))
         homo = bool(rng.random() < 0.2)

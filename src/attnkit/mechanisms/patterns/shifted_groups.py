@@ -45,6 +45,11 @@ class ShiftedGroupsMethod(PatternMethod):
         return shifted_groups(o["group_size"], heads=call.heads, group_size_ratio=o["group_size_ratio"],
                               variant=o["variant"], causal=call.is_causal)
 
+    def bench_options(self, q_len, k_len, density=None):
+        """Groups of a quarter of the keys (LongLoRA's ratio), or ``density * Lk`` keys."""
+        group = k_len // 4 if density is None else max(1, round(density * k_len))
+        return {"group_size": max(1, group)}
+
     def sample_options(self, rng, q_len, k_len):
         return {"group_size": int(rng.integers(1, max(2, k_len + 3))),
                 "group_size_ratio": float(rng.uniform(0.05, 1.0)),

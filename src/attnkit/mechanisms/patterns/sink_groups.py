@@ -29,6 +29,11 @@ class SinkGroupsMethod(PatternMethod):
         return sink_groups(o["group_size"], heads=call.heads, sinks=o["sinks"],
                            group_size_ratio=o["group_size_ratio"], causal=call.is_causal)
 
+    def bench_options(self, q_len, k_len, density=None):
+        """Groups of a quarter of the keys (LongLoRA's ratio), or ``density * Lk`` keys."""
+        group = k_len // 4 if density is None else max(1, round(density * k_len))
+        return {"group_size": max(1, group)}
+
     def sample_options(self, rng, q_len, k_len):
         return {"group_size": int(rng.integers(1, max(2, k_len + 3))),
                 "sinks": int(rng.integers(0, 6)), "block_size": int(rng.choice([16, 32]))}

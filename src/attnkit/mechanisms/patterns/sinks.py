@@ -28,6 +28,14 @@ class SinksMethod(PatternMethod):
     def build_pattern(self, call):
         return sinks(call.options["sinks"], call.options["window"])
 
+    def bench_options(self, q_len, k_len, density=None):
+        """4 sinks and a window of Lk/8 keys; for ``density`` (causal: kept pairs ~ w L - w^2/2)
+        the window ``w = L (1 - sqrt(1 - 2 density))``."""
+        if density is None:
+            return {"sinks": 4, "window": max(16, k_len // 8)}
+        d = min(density, 0.5)
+        return {"sinks": 4, "window": max(1, round(k_len * (1 - (1 - 2 * d) ** 0.5)))}
+
     def sample_options(self, rng, q_len, k_len):
         return {"sinks": int(rng.integers(0, 6)), "window": int(rng.integers(1, max(2, k_len + 3))),
                 "block_size": int(rng.choice([16, 32]))}

@@ -267,6 +267,13 @@ class H2O(DynamicMethod):
         out = advance(state, call.query, call.key, call.value, call.scale, heavy, recent, call.options["prefill"])
         return out.to(call.dtype), state
 
+    def bench_options(self, q_len, k_len, density=None):
+        """The paper's 20 % cache; for ``density`` (kept causal pairs ~ c L - c^2/2 for a cache of
+        c L tokens) the cache share ``c = 1 - sqrt(1 - 2 density)``."""
+        if density is None:
+            return {}
+        return {"density": min(1.0, 1 - (1 - 2 * min(density, 0.5)) ** 0.5)}
+
     def sample_options(self, rng, q_len, k_len):
         heavy, recent = int(rng.integers(0, 6)), int(rng.integers(0, 6))
         return {"heavy": heavy, "recent": max(recent, 1 - heavy), "prefill": int(rng.choice([0, rng.integers(0, 12)]))}

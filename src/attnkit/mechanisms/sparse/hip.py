@@ -117,6 +117,14 @@ class HiP(DynamicMethod):
         return self.selection(call, pattern, details={"tiles": tiles, "branches": branches,
                                                       "search_chunks": n_chunks})
 
+    def bench_options(self, q_len, k_len, density=None):
+        """Paper defaults scaled to the length; ``density`` (a share of all Lq x Lk pairs, of which
+        causal attention sees about half) becomes this method's candidate share ``2 * density``."""
+        opts = dict({"window": max(16, k_len // 32)})
+        if density is not None:
+            opts["density"] = min(1.0, 2 * density)
+        return opts
+
     def sample_options(self, rng, q_len, k_len):
         # query_chunk stays 1: larger query chunks look ahead within a block (see the docstring),
         # which the generic causal tests rightly reject; tests/test_dynamic.py covers them

@@ -101,6 +101,14 @@ class Kinetics(DynamicMethod):
         pattern = BlockSelection(tiles, 1, C, key_shift=shift) & Full(causal=True)
         return self.selection(call, pattern, details={"chunk_size": C, "key_shift": shift, "tiles": tiles})
 
+    def bench_options(self, q_len, k_len, density=None):
+        """Paper defaults scaled to the length; ``density`` (a share of all Lq x Lk pairs, of which
+        causal attention sees about half) becomes this method's candidate share ``2 * density``."""
+        opts = dict({})
+        if density is not None:
+            opts["density"] = min(1.0, 2 * density)
+        return opts
+
     def sample_options(self, rng, q_len, k_len):
         opts = {"chunk_size": int(rng.integers(1, 9)), "sink": int(rng.integers(0, 5)),
                 "local": int(rng.integers(0, 9))}

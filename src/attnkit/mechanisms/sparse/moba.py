@@ -91,6 +91,14 @@ class MoBA(DynamicMethod):
         return self.selection(call, pattern, details={"chunk_size": chunk, "tiles": tiles,
                                                       "kept_chunks": tiles.sum(-1)})
 
+    def bench_options(self, q_len, k_len, density=None):
+        """Paper defaults scaled to the length; ``density`` (a share of all Lq x Lk pairs, of which
+        causal attention sees about half) becomes this method's candidate share ``2 * density``."""
+        opts = dict({"chunk_size": max(16, k_len // 16), **({} if density is not None else {"top_k": 3})})
+        if density is not None:
+            opts["density"] = min(1.0, 2 * density)
+        return opts
+
     def sample_options(self, rng, q_len, k_len):
         opts = {"chunk_size": int(rng.integers(1, 13))}
         if rng.random() < 0.5:

@@ -58,6 +58,7 @@ from ...patterns.selection import BlockSelection, PermutedPattern
 from ...registry import MethodInfo, options, register
 from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS
 from .base import DynamicMethod, by_query_head, density_option, key_means, top_k_mask
+from ..patterns._grid import bench_grid
 
 PARTITIONS = ("1d", "2d", "3d")
 SCOPES = ("query", "head", "block", "all")
@@ -167,6 +168,13 @@ class VMoBA(DynamicMethod):
             return self.selection(call, run, details=details)
         return self.selection(call, PermutedPattern(run, order, order), run_pattern=run,
                               order=(order, order), details=details)
+
+    def bench_options(self, q_len, k_len, density=None):
+        """A (frames, height, width) layout; ``density`` is the share of key chunks kept."""
+        opts = {"grid": bench_grid(q_len, 3)}
+        if density is not None:
+            opts["density"] = density
+        return opts
 
     def sample_options(self, rng, q_len, k_len):
         T = int(rng.choice(_divisors(q_len)))
