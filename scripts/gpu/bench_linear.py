@@ -236,27 +236,45 @@ def main(argv=None):
     p.add_argument("--max-call-s", type=float, default=3.0,
                    help="skip a case's longer lengths once one call takes longer than this")
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--budget-s", type=float, default=260.0, help="start no new case after this many seconds")
     args = p.parse_args(argv)
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(0)
     env = environment(device)
     print("environment:", json.dumps(env))
     chosen = [(name, opts) for name, opts in our_methods() if not args.methods or name in args.methods]
-    cases = [(name, "attnkit", ours(name, opts, args.chunk_size)) for name, opts in chosen]
-    cases.append(("dense", "sdpa-cudnn" if device == "cuda" else "sdpa", dense(device)))
+    # baselines first (dense, then fla), so a run cut short still has them beside our methods
+    cases = [("dense", "sdpa-cudnn" if device == "cuda" else "sdpa", dense(device))]
     fla, fla_notes = fla_cases() if device == "cuda" else ({}, {"fla": "not run on CPU (Triton kernels)"})
     for name, (label, fn) in fla.items():
-        if any(name == c[0] for c in cases):
+        if any(name == c for c, _ in chosen):
             cases.append((f"fla:{name}", label, fn))
+    cases += [(name, "attnkit", ours(name, opts, args.chunk_size)) for name, opts in chosen]
     modes = ["fwd"] + ([] if args.no_backward else ["fwd+bwd"])
-    rows = []
+    rows: list = []
+    checks = cross_check(fla, args, device, dtype) if fla else {}
+    started = time.perf_counter()
+
+    def save():
+        result = {"environment": env, "options": {name: opts for name, opts in chosen},
+                  "shape": {"B": 1, "H": args.heads, "D": args.dim, "based_dim": args.based_dim,
+                            "dtype": args.dtype, "causal": True},
+                  "rows": rows, "crossover": crossovers(rows, args.lengths, modes), "fla_notes": fla_notes,
+                  "fla_cross_check": checks}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_linear.json").write_text(json.dumps(result, indent=1))
+        (args.out / "bench_linear.md").write_text(markdown(result, args.lengths, modes))
+        return result
+
     for case, impl, fn in cases:
         for mode in modes:
             failed = None
+            if time.perf_counter() - started > args.budget_s:
+                failed = f"not run: the --budget-s of {args.budget_s:.0f} s was spent"
             for L in args.lengths:
                 row = {"case": case, "impl": impl, "mode": mode, "L": L, "ms": None, "tokens_per_s": None}
                 if failed:
-                    row["error"] = f"skipped after: {failed}"
+                    row["error"] = f"skipped: {failed}" if not failed.startswith("not run") else failed
                 else:
                     try:
                         ms = measure(fn, case, L, args, device, dtype, mode == "fwd+bwd")
@@ -270,14 +288,7 @@ def main(argv=None):
                 rows.append(row)
                 shown = f"{row['ms']:.3f} ms" if row["ms"] is not None else row.get("error")
                 print(f"{case:28s} {mode:8s} L={L:6d} {shown}", flush=True)
-    summary = crossovers(rows, args.lengths, modes)
-    checks = cross_check(fla, args, device, dtype) if fla else {}
-    result = {"environment": env, "options": {name: opts for name, opts in chosen}, "shape": {"B": 1, "H": args.heads, "D": args.dim, "based_dim": args.based_dim,
-                                             "dtype": args.dtype, "causal": True},
-              "rows": rows, "crossover": summary, "fla_notes": fla_notes, "fla_cross_check": checks}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_linear.json").write_text(json.dumps(result, indent=1))
-    (args.out / "bench_linear.md").write_text(markdown(result, args.lengths, modes))
+        result = save()  # after every case: nothing measured is lost if the run is cut short
     print(f"wrote {args.out / 'bench_linear.json'} and {args.out / 'bench_linear.md'}")
     return result
 
