@@ -59,3 +59,14 @@ def test_block_size_does_not_change_results():
     q, k, v = inputs(Lq=70, Hkv=4)
     outs = [ak.attend(q, k, v, method="sliding_window", window=11, block_size=b) for b in (16, 32, 128)]
     assert rel_err(outs[0], outs[1]) < 1e-13 and rel_err(outs[0], outs[2]) < 1e-13
+
+
+def test_blocksparse_picks_a_small_tile_for_a_small_window_and_explains_nothing_changes():
+    from attnkit.backends.blocksparse import cheapest_block
+
+    assert cheapest_block(ak.patterns.sliding_window(16, causal=True), 1024, 1024, None) < 128
+    assert cheapest_block(ak.patterns.causal(), 1024, 1024, None) == 128
+    q, k, v = inputs(Lq=300, Hkv=4)
+    auto = ak.attend(q, k, v, is_causal=True, method="sliding_window", window=16)
+    fixed = ak.attend(q, k, v, is_causal=True, method="sliding_window", window=16, block_size=128)
+    assert rel_err(auto, fixed) < 1e-13

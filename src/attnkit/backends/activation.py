@@ -93,6 +93,7 @@ class ActivationSpec:
     sharpen: tuple[float, float] | None = None
     qk_norm: bool = False
     block: int = 128
+    block_fixed: bool = True  # the methods' own block_size option (default 128) always applies
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZATIONS:

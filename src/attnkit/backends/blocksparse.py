@@ -223,11 +223,34 @@ class _BlockSparseAttention(torch.autograd.Function):
         return (None, dq, dk, dv, *dmods)
 
 
+BLOCK_CHOICES = (32, 64, 128)
+TILE_OVERHEAD = 512  # score elements one more tile costs in gathering and bookkeeping (CPU, measured)
+
+
+def cheapest_block(pattern, q_len: int, k_len: int, device) -> int:
+    """The tile size of ``BLOCK_CHOICES`` with the least estimated work for this pattern: computed
+    scores plus a per-tile overhead, from the analytic block plans (a pattern without one keeps 128,
+    as its generic plan costs an Lq x Lk evaluation). A performance choice only: results do not
+    depend on the tile size (tested)."""
+    best, best_cost = 128, None
+    for b in BLOCK_CHOICES:
+        bq, bk = min(b, q_len), min(b, k_len)
+        states = pattern._plan(q_len, k_len, bq, bk, device)
+        if states is None:
+            return 128
+        tiles = int((states > 0).sum())
+        cost = tiles * (bq * bk + TILE_OVERHEAD)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = b, cost
+    return best
+
+
 def tiles_for(call: AttentionCall, spec: MaskSpec, block_q: int | None = None,
               block_k: int | None = None) -> _Tiles:
     # tiles never exceed the problem: a 7-token call computes 7x7 tiles, not 128x128 ones
-    bq = min(block_q or spec.block, call.q_len)
-    bk = min(block_k or spec.block, call.k_len)
+    block = spec.block if spec.block_fixed else cheapest_block(spec.pattern, call.q_len, call.k_len, call.device)
+    bq = min(block_q or block, call.q_len)
+    bk = min(block_k or block, call.k_len)
     pattern = spec.pattern
     pattern.check_heads(call.batch, call.heads)
     plan = pattern.block_plan(call.q_len, call.k_len, (bq, bk), call.device)

@@ -20,6 +20,7 @@ class MaskSpec:
     score_mod: ScoreModFn | None = None
     mod_tensors: tuple[torch.Tensor, ...] = ()
     block: int = 128
+    block_fixed: bool = False  # the user chose ``block``; otherwise an engine may pick its own
 
     def describe(self) -> str:
         mod = " + score_mod" if self.score_mod is not None else ""

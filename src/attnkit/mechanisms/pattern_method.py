@@ -21,8 +21,10 @@ from ..registry import Method
 MASK_ENGINES = (FlexEngine(), BlockSparseEngine(), DenseEngine())
 MASK_BACKENDS = tuple(e.name for e in MASK_ENGINES)
 
-BLOCK_SIZE = Option("block_size", "int", 128, "tile size of the blocksparse / flex engines "
-                    "(a performance knob: results do not depend on it)", low=16, high=1024, tuning=True)
+BLOCK_SIZE = Option("block_size", "int", None, "tile size of the blocksparse / flex engines; None = "
+                    "the engine's choice (flex: 128; blocksparse: the size that computes the fewest "
+                    "scores for this pattern; a performance knob: results do not depend on it)",
+                    low=16, high=1024, nullable=True, tuning=True)
 
 
 class PatternMethod(Method):
@@ -46,7 +48,8 @@ class PatternMethod(Method):
         pattern.check(call.q_len, call.k_len)
         pattern.check_heads(call.batch, call.heads)
         fn, tensors = self.score_mod(call)
-        return MaskSpec(pattern, fn, tuple(tensors), call.options.get("block_size", 128))
+        chosen = call.options.get("block_size")
+        return MaskSpec(pattern, fn, tuple(tensors), chosen or 128, block_fixed=chosen is not None)
 
     def oracle_inputs(self, call: AttentionCall) -> tuple[Any, Any]:
         spec = self.prepare(call)

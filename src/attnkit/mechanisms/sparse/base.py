@@ -213,4 +213,4 @@ class DynamicMethod(PatternMethod):
     def selection(self, call: AttentionCall, pattern: Pattern, **fields) -> Selection:
         """A Selection of ``pattern`` for ``call`` (``fields``: run_pattern, order, details)."""
         return Selection(self.info.name, pattern, call.batch, call.heads, call.q_len, call.k_len,
-                         call.is_causal, call.options.get("block_size", 128), call.device, **fields)
+                         call.is_causal, call.options.get("block_size") or 128, call.device, **fields)
