@@ -19,9 +19,20 @@ SHORT = {"noncausal-self": "NS", "causal-self": "CS", "noncausal-cross": "NC", "
 
 
 @app.command("list")
-def list_methods(family: Annotated[str | None, typer.Option(help="only this family (P D A R N T)")] = None):
+def list_methods(family: Annotated[str | None, typer.Option(help="only this family (P D A R N T)")] = None,
+                 markdown: Annotated[bool, typer.Option(help="print a Markdown table (docs/methods.md)")] = False):
     """Every registered method with its family, kind, patterns, decode support and backends."""
     from .registry import methods
+
+    if markdown:
+        print("| method | family | kind | NS | CS | NC | CC | decode | backends | seed rows | summary |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for info in methods(family):
+            marks = " | ".join("✓" if p in info.patterns else "·" for p in PATTERNS)
+            seeds = ", ".join(f"S{s}" for s in info.seed)
+            print(f"| `{info.name}` | {info.family} | {info.kind} | {marks} | {'✓' if info.decode else '·'} | "
+                  f"{', '.join(info.backends) or 'layer'} | {seeds} | {info.summary} |")
+        return
 
     table = Table(title="attnkit methods")
     for col in ("name", "fam", "kind", *SHORT.values(), "decode", "backends", "summary"):
