@@ -194,7 +194,7 @@ _ENGINES = (FormEngine("chunked", chunked), FormEngine("parallel", parallel),
 @register
 class Aaren(RecurrentMethod):
     info = MethodInfo(
-        name="aaren", family="R", kind="layer", patterns=ALL_PATTERNS, decode=True,
+        name="aaren", seed=(9,), family="R", kind="layer", patterns=ALL_PATTERNS, decode=True,
         summary="Aaren (attention as an RNN): softmax attention by a prefix scan; the layer's query is "
                 "a learned token, so it decodes with constant memory",
         backends=tuple(e.name for e in _ENGINES), state_size="Dv + 1",

@@ -185,7 +185,7 @@ _ENGINES = (FormEngine("chunked", chunked), FormEngine("parallel", parallel),
 @register
 class Based(RecurrentMethod):
     info = MethodInfo(
-        name="based", family="R", kind="layer", patterns=ALL_PATTERNS, decode=True,
+        name="based", seed=(73,), family="R", kind="layer", patterns=ALL_PATTERNS, decode=True,
         summary="BASED linear attention: 2nd-order Taylor feature map of exp(q.k/sqrt(D)), normalized",
         backends=tuple(e.name for e in _ENGINES), state_size="(1+Dk+Dk(Dk+1)/2)*(Dv+1)",
         options=options(

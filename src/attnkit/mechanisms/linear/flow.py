@@ -214,7 +214,7 @@ _ENGINES = (FormEngine("chunked", chunked), FormEngine("parallel", parallel),
 @register
 class Flow(RecurrentMethod):
     info = MethodInfo(
-        name="flow", family="R", kind="approximate",
+        name="flow", seed=(62,), family="R", kind="approximate",
         patterns=frozenset({"causal-self", "noncausal-self", "noncausal-cross"}), decode=True,
         summary="Flowformer Flow-Attention: sigmoid linear attention with flow conservation, "
                 "source competition and sink allocation",

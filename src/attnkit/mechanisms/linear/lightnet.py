@@ -185,7 +185,7 @@ _ENGINES = (FormEngine("chunked", chunked), FormEngine("parallel", parallel),
 @register
 class LightNet(RecurrentMethod):
     info = MethodInfo(
-        name="lightnet", family="R", kind="approximate", patterns=ALL_PATTERNS, decode=True,
+        name="lightnet", seed=(5,), family="R", kind="approximate", patterns=ALL_PATTERNS, decode=True,
         summary="LightNet additive recurrence: per-key-channel softmax over time (one scan for any "
                 "number of dimensions)",
         backends=tuple(e.name for e in _ENGINES), state_size="Dk*Dv + Dk",

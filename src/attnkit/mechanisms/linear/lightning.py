@@ -152,7 +152,7 @@ _ENGINES = (FormEngine("chunked", chunked), FormEngine("parallel", parallel),
 @register
 class Lightning(RecurrentMethod):
     info = MethodInfo(
-        name="lightning", family="R", kind="approximate", patterns=ALL_PATTERNS, decode=True,
+        name="lightning", seed=(46,), family="R", kind="approximate", patterns=ALL_PATTERNS, decode=True,
         summary="Lightning Attention (TransNormerLLM): linear attention with a fixed per-head decay lam^(i-j)",
         backends=tuple(e.name for e in _ENGINES), state_size="Dk*Dv",
         options=options(
