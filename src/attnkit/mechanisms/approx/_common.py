@@ -66,3 +66,14 @@ def expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """``(B, Hkv, ...)`` repeated to ``(B, heads, ...)`` (GQA: query head h uses kv head
     ``h // (heads // Hkv)``)."""
     return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x (B, H, L, D)`` at ``index (B, H, ...)`` (values in ``[0, L)``) → ``(B, H, ..., D)``.
+
+    One ``index_select`` over the flattened rows: the index stays one number per row (a ``gather``
+    would expand it to every element, D times the memory traffic)."""
+    B, H, L, D = x.shape
+    base = (torch.arange(B * H, device=x.device) * L).view(B, H, *([1] * (index.dim() - 2)))
+    flat = (base + index).reshape(-1)
+    return x.reshape(B * H * L, D).index_select(0, flat).view(*index.shape, D)

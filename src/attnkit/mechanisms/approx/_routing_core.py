@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import layer_norm, masked_attention
+from ._common import gather_rows, layer_norm, masked_attention
 
 NEG = float("-inf")
 
@@ -41,13 +41,6 @@ def members(sims: torch.Tensor, window: int) -> torch.Tensor:
     return order[..., :window].sort(-1).values
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x (B, H, L, D)`` gathered at ``index (B, H, ...)`` → ``(B, H, ..., D)``."""
-    flat = index.reshape(*index.shape[:2], -1)
-    out = torch.gather(x, 2, flat[..., None].expand(*flat.shape, x.shape[-1]))
-    return out.view(*index.shape, x.shape[-1])
-
-
 def combine(total: torch.Tensor, count: torch.Tensor, eps: float) -> torch.Tensor:
     """Scatter average ``total / (count + eps)``; tokens in no cluster give 0."""
     c = count[..., None]
@@ -57,8 +50,8 @@ def combine(total: torch.Tensor, count: torch.Tensor, eps: float) -> torch.Tenso
 def noncausal(qa, ka, v, sims_q, sims_k, wq: int, wk: int, scale: float, eps: float) -> torch.Tensor:
     """Official routing: per cluster the ``wq`` top queries attend to the ``wk`` top keys."""
     iq, ik = members(sims_q, wq), members(sims_k, wk)  # (B, H, C, w)
-    s = (_rows(qa, iq) @ _rows(ka, ik).transpose(-1, -2)) * scale  # (B, H, C, wq, wk)
-    out, _ = masked_attention(s, None, _rows(v, ik))
+    s = (gather_rows(qa, iq) @ gather_rows(ka, ik).transpose(-1, -2)) * scale  # (B, H, C, wq, wk)
+    out, _ = masked_attention(s, None, gather_rows(v, ik))
     B, H, Lq = qa.shape[:3]
     flat = iq.reshape(B, H, -1)
     total = out.new_zeros(B, H, Lq, v.shape[-1]).scatter_add(2, flat[..., None].expand(-1, -1, -1, v.shape[-1]),
@@ -107,50 +100,65 @@ class Carry:
 def causal_block(carry: Carry, qa, ka, v, sims_q, sims_k, first: int, scale: float, eps: float) -> torch.Tensor:
     """Outputs of the aligned block of queries and keys at positions ``first ... first + T - 1``
     (query at position p sees keys <= p). ``qa (B, H, T, D)`` and ``sims_q, sims_k (B, H, T, C)``
-    belong to the block; ``ka, v`` hold every key up to the block's end. Updates ``carry``."""
+    belong to the block; ``ka, v`` hold (at least) every key up to the block's end. Updates ``carry``.
+
+    Attention is computed only for the (query, cluster) pairs where the query is a member (in
+    each cluster, its member queries padded to the largest count of the block)."""
     B, H, T, _ = qa.shape
-    wk, wq = carry.key_index.shape[-1], carry.query_sims.shape[-1]
+    wk = carry.key_index.shape[-1]
     dev = qa.device
     pos = torch.arange(first, first + T, device=dev)
     # keys: candidates = carried top keys + the block's keys, in ascending positions
     cand_idx = torch.cat([carry.key_index, pos.expand(B, H, carry.key_index.shape[2], T)], -1)
     cand_sims = torch.cat([carry.key_sims, sims_k.transpose(-1, -2)], -1)  # (B, H, C, wk + T)
-    order = torch.sort(cand_sims, dim=-1, descending=True, stable=True).indices  # best first
+    order = torch.sort(cand_sims, dim=-1, descending=True, stable=True).indices
     ranked = torch.gather(cand_idx, -1, order)  # positions, best first (-1: empty)
-    seen = (ranked[..., None, :] >= 0) & (ranked[..., None, :] <= pos[:, None])  # (B, H, C, T, wk + T)
-    alive = seen & (torch.cumsum(seen.to(torch.int32), -1) <= wk)
     # queries: member of cluster c iff fewer than wq earlier queries are at least as similar
-    sq = sims_q.transpose(-1, -2)  # (B, H, C, T)
-    before = (carry.query_sims[..., None, :] >= sq[..., None]).sum(-1)
+    sq = sims_q.transpose(-1, -2).contiguous()  # (B, H, C, T)
+    before = torch.searchsorted(-carry.query_sims.contiguous(), -sq, right=True)  # carried: best first
     earlier = torch.ones(T, T, dtype=torch.bool, device=dev).tril(-1)
     before = before + ((sq[..., None, :] >= sq[..., None]) & earlier).sum(-1)
-    member = before < wq  # (B, H, C, T)
-    # attention of every block query to its alive keys, per cluster
-    safe = ranked.clamp(min=0)
-    s = torch.einsum("bhtd,bhcrd->bhctr", qa, _rows(ka, safe)) * scale
-    out, _ = masked_attention(s, alive, _rows(v, safe))  # (B, H, C, T, Dv)
-    weight = member.to(out.dtype)
-    total = (out * weight[..., None]).sum(2)
+    member = before < carry.query_sims.shape[-1]  # (B, H, C, T)
+    # per cluster, its member queries (padded to the most any cluster has in this block) attend to
+    # the top wk candidates at or before them
+    count = member.sum(-1)  # (B, H, C)
+    M = int(count.max()) if count.numel() else 0
+    total = qa.new_zeros(B, H, T, v.shape[-1])
+    if M > 0:
+        local = torch.sort((~member).to(torch.int8), dim=-1, stable=True).indices[..., :M]  # (B, H, C, M)
+        used = torch.arange(M, device=dev) < count[..., None]
+        C = ranked.shape[2]
+        safe = ranked.clamp(min=0)
+        keys, vals = gather_rows(ka, safe), gather_rows(v, safe)  # (B, H, C, R, ·)
+        qm = gather_rows(qa, local)  # (B, H, C, M, D)
+        seen = (ranked[..., None, :] >= 0) & (ranked[..., None, :] <= (first + local)[..., None])
+        alive = seen & (torch.cumsum(seen.to(torch.int32), -1) <= wk) & used[..., None]
+        out, _ = masked_attention(qm @ keys.transpose(-1, -2) * scale, alive, vals)  # (B, H, C, M, Dv)
+        out = out * used[..., None]
+        idx = local.reshape(B, H, C * M)
+        total = total.scatter_add(2, idx[..., None].expand(-1, -1, -1, v.shape[-1]), out.reshape(B, H, C * M, -1))
     # carry: the top keys at the block's last position, the top query similarities
-    last = alive[..., -1, :]
+    valid = ranked >= 0
+    last = valid & (torch.cumsum(valid.to(torch.int32), -1) <= wk)
     keep_idx = torch.where(last, ranked, torch.full_like(ranked, -1))
     keep_sims = torch.where(last, torch.gather(cand_sims, -1, order), torch.full_like(cand_sims, NEG))
     by_pos = keep_idx.sort(dim=-1, stable=True).indices[..., -wk:]
     carry.key_index, carry.key_sims = torch.gather(keep_idx, -1, by_pos), torch.gather(keep_sims, -1, by_pos)
     carry.add_queries(sims_q)
-    return combine(total, weight.sum(2), eps)
+    return combine(total, member.sum(2).to(total.dtype), eps)
 
 
 def causal_scan(carry: Carry, qa, ka, v, sims_q, sims_k, first: int, scale: float, eps: float,
                 block: int) -> torch.Tensor:
     """Aligned causal outputs of queries ``qa (B, H, n, D)`` at positions ``first ...``, whose keys
     are the last ``n`` of ``ka, v`` (everything before them is in ``carry``)."""
+    ka, v = ka.contiguous(), v.contiguous()
     outs = []
     n = qa.shape[2]
     for t0 in range(0, n, block):
         t1 = min(n, t0 + block)
-        outs.append(causal_block(carry, qa[:, :, t0:t1], ka[:, :, : first + t1], v[:, :, : first + t1],
-                                 sims_q[:, :, t0:t1], sims_k[:, :, t0:t1], first + t0, scale, eps))
+        outs.append(causal_block(carry, qa[:, :, t0:t1], ka, v, sims_q[:, :, t0:t1], sims_k[:, :, t0:t1],
+                                 first + t0, scale, eps))
     return torch.cat(outs, 2)
 
 

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...backends.dense import masked_softmax_attention
 from ...call import ALL_PATTERNS, AttentionCall
 from ...errors import OptionError
 from ...options import Option
@@ -65,7 +66,7 @@ from ...patterns.plan import cdiv
 from ...reference import causal_mask
 from ...registry import Method, MethodInfo, options, register
 from ..linear.base import FormEngine
-from ._common import expand_heads, lse_merge, masked_attention, seeded, work_dtype
+from ._common import expand_heads, gather_rows, lse_merge, masked_attention, seeded, work_dtype
 
 PREFIX_STREAM = 999
 GATHER_BUDGET = 1 << 24  # elements of one gathered (queries x block x D) key tile
@@ -123,14 +124,10 @@ def samples_apply(cfg: HyperConfig, q_len: int, k_len: int, bq: int | None) -> b
     return cfg.samples > 0 and k_len > cfg.block and (bq is None or q_len > bq)
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x (B, H, L, D)`` rows ``index (B, H, n)`` → ``(B, H, n, D)``."""
-    return torch.gather(x, 2, index[..., None].expand(*index.shape, x.shape[-1]))
-
-
 # -- fast form --------------------------------------------------------------------------------
 def _block_part_matched(q, ks, vs, blk, cfg: HyperConfig):
-    """Each query against the keys of its block (gathered in query chunks)."""
+    """Each query against the keys of its block (gathered per query, in query chunks: a block's
+    query count varies, so there is no fixed reshape as in the sorted mode)."""
     B, H, Lq, D = q.shape
     Lk, b = ks.shape[2], cfg.block
     rows = max(1, GATHER_BUDGET // max(1, B * H * b * max(D, vs.shape[-1])))
@@ -139,9 +136,8 @@ def _block_part_matched(q, ks, vs, blk, cfg: HyperConfig):
         r1 = min(Lq, r0 + rows)
         idx = blk[:, :, r0:r1, None] * b + torch.arange(b, device=q.device)  # (B, H, R, b)
         valid = idx < Lk
-        idx = idx.clamp(max=Lk - 1).reshape(B, H, -1)
-        kb = _rows(ks, idx).view(B, H, r1 - r0, b, D)
-        vb = _rows(vs, idx).view(B, H, r1 - r0, b, vs.shape[-1])
+        idx = idx.clamp(max=Lk - 1)
+        kb, vb = gather_rows(ks, idx), gather_rows(vs, idx)  # (B, H, R, b, ·)
         s = torch.einsum("bhrd,bhrkd->bhrk", q[:, :, r0:r1], kb) * cfg.scale
         o, lse = masked_attention(s[..., None, :], valid[..., None, :], vb)
         outs.append(o.squeeze(-2))
@@ -170,7 +166,7 @@ def hyper_noncausal(q, k, v, proj, cfg: HyperConfig, stream: int):
     if Lq < cfg.min_len:
         return masked_attention(q @ k.transpose(-1, -2) * cfg.scale, None, v)
     k_codes, k_order = torch.sort(lsh_codes(k, proj), dim=-1, stable=True)
-    ks, vs = _rows(k, k_order), _rows(v, k_order)
+    ks, vs = gather_rows(k, k_order), gather_rows(v, k_order)
     q_codes = lsh_codes(q, proj)
     blk, bq = query_blocks(q_codes, k_codes, Lq, Lk, cfg)
     if cfg.matched:
@@ -178,17 +174,17 @@ def hyper_noncausal(q, k, v, proj, cfg: HyperConfig, stream: int):
         out, lse = _block_part_matched(q, ks, vs, blk, cfg)
     else:  # work in the sorted query order, unsort at the end (as the official code)
         order = torch.argsort(q_codes, dim=-1, stable=True)
-        qs = _rows(q, order)
+        qs = gather_rows(q, order)
         blk = torch.div(torch.arange(Lq, device=q.device), bq, rounding_mode="floor").expand(B, H, Lq)
         out, lse = _block_part_sorted(qs, ks, vs, bq, cfg)
     if samples_apply(cfg, Lq, Lk, bq):
         s = draw_samples(cfg, stream, B, H, Lk, q.device)
         keep = torch.div(s, cfg.block, rounding_mode="floor")[:, :, None, :] != blk[..., None]
-        o_r, l_r = masked_attention(qs @ _rows(ks, s).transpose(-1, -2) * cfg.scale, keep, _rows(vs, s))
+        o_r, l_r = masked_attention(qs @ gather_rows(ks, s).transpose(-1, -2) * cfg.scale, keep, gather_rows(vs, s))
         out, lse = lse_merge(out, lse, o_r, l_r + math.log(Lk / cfg.samples))
     if order is not None:
         inverse = torch.argsort(order, dim=-1)
-        out, lse = _rows(out, inverse), torch.gather(lse, 2, inverse)
+        out, lse = gather_rows(out, inverse), torch.gather(lse, 2, inverse)
     return out, lse
 
 
@@ -224,13 +220,20 @@ def _inputs(call: AttentionCall):
     return q, k, v, lsh_projections(call.head_dim, call.options["lsh_bits"], call.options["seed"]), _config(call)
 
 
+def _exact(call: AttentionCall, q, k, v) -> torch.Tensor:
+    """The whole call below min_seq_len: exact attention through SDPA (no score matrix kept)."""
+    if not call.is_causal or call.q_len == call.k_len:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=call.is_causal, scale=call.scale)
+    return masked_softmax_attention(q, k, v, causal_mask(call.q_len, call.k_len, q.device), None, call.scale)
+
+
 def fast(call: AttentionCall) -> torch.Tensor:
     q, k, v, proj, cfg = _inputs(call)
     Lq, Lk = call.q_len, call.k_len
-    if not call.is_causal:
+    if (Lq < cfg.min_len) if not call.is_causal else (Lk <= cfg.min_len):
+        out = _exact(call, q, k, v)
+    elif not call.is_causal:
         out, _ = hyper_noncausal(q, k, v, proj, cfg, 1)
-    elif Lk <= cfg.min_len:
-        out, _ = _exact_causal(q, k, v, cfg.scale)
     elif Lq >= Lk:
         out, _ = hyper_causal(q[:, :, Lq - Lk:], k, v, proj, cfg)
         out = torch.nn.functional.pad(out, (0, 0, Lq - Lk, 0))
