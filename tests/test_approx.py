@@ -426,6 +426,8 @@ def test_option_errors_name_the_option_and_the_fix():
         ak.attend(q, k, v, method="rettention", warmup=3, **kw)
     with pytest.raises(ak.OptionError, match="rho or state|rho and"):
         ak.attend(q, k, v, method="rettention", rho=1.0, state=rettention.RettentionState(), **kw)
+    with pytest.raises(ak.OptionError, match=r"residual has shape \(30, 2\), which does not broadcast"):
+        ak.attend(q, k, v, method="rettention", residual=torch.zeros(30, 2, dtype=q.dtype), **kw)
     with pytest.raises(ak.UnsupportedPatternError):
         ak.attend(q, k, v, is_causal=True, method="rettention", **kw)
     with pytest.raises(ak.UnsupportedPatternError):

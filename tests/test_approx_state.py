@@ -109,6 +109,9 @@ def test_deltallm_state_carries_the_recurrence_across_calls(variant, backend):
     assert state.entries == full_state.entries and state.zeros == full_state.zeros > 0
     with pytest.raises(ak.OptionError, match="left at position 24 but this call's first query sits at"):
         ak.attend(q[:, :, :3], k[:, :, :20], v[:, :, :20], state=state, **opts)
+    other = {**opts, "variant": "score" if variant == "query" else "query"}
+    with pytest.raises(ak.OptionError, match=f"holds a '{variant}'-variant recurrence"):
+        ak.attend(q[:, :, :1], k[:, :, :25], v[:, :, :25], state=state, **other)
 
 
 @pytest.mark.parametrize("variant", ["query", "score"])
@@ -182,3 +185,22 @@ def test_routing_layer_cross_and_bidirectional():
         ak.nn.Attention(16, 2, method="routing", kmeans_iters=2)
     with pytest.raises(ak.OptionError, match="share_qk=True needs self-attention with kv_heads == heads"):
         ak.nn.Attention(16, 4, kv_heads=2, method="routing", causal=True, share_qk=True)
+
+
+@pytest.mark.slow
+def test_rettention_runs_on_flex():
+    """The window (1-D and frame) and full patterns on the flex engine (compiles on first use)."""
+    q, k, v = inputs(B=1, H=2, Hkv=2, Lq=64, D=16, dtype=torch.float32, seed=4)
+    with torch.no_grad():
+        for opts in (dict(window_share=0.25), dict(window_share=0.5, frames=4, text_tokens=8)):
+            want = ak.attend(q, k, v, method="rettention", backend="blocksparse", **opts)
+            got = ak.attend(q, k, v, method="rettention", backend="flex", **opts)
+            assert rel_err(got, want) < 1e-5
+        a, b = RettentionState(), RettentionState()
+        for q2, k2, v2 in drifting(4, L=64):
+            q2, k2, v2 = (t[:1].float() for t in (q2, k2, v2))
+            want = ak.attend(q2, k2, v2, enable_gqa=True, method="rettention", backend="blocksparse", state=a,
+                             warmup=1, refresh_every=2)
+            got = ak.attend(q2, k2, v2, enable_gqa=True, method="rettention", backend="flex", state=b,
+                            warmup=1, refresh_every=2)
+            assert rel_err(got, want) < 1e-5

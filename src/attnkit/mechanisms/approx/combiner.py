@@ -180,51 +180,48 @@ class CombinerState:
     length: int = 0
 
 
-def _cat(a, b, dim=2):
-    return b if a is None else torch.cat([a, b], dim)
+def _cat(a, b):
+    return b if a is None else torch.cat([a, b], 2)
+
+
+def _segment_outputs(state: CombinerState, q, have: int, scale: float, axial: bool) -> torch.Tensor:
+    """Causal outputs of queries ``q (B, H, n, D)`` at positions ``have ...`` of the current
+    segment: its keys so far directly, the completed segments through their summaries."""
+    n, t = q.shape[2], state.key.shape[2]
+    local = (q @ state.key.transpose(-1, -2)) * scale  # (B, H, n, t)
+    visible = torch.arange(t, device=q.device)[None, :] <= torch.arange(have, have + n, device=q.device)[:, None]
+    local = local.masked_fill(~visible, NEG)
+    if axial:  # the completed rows' summaries at each query's column: (B, H, n, rows, ·)
+        cols = torch.arange(have, have + n, device=q.device)
+        keys, values = state.keys[:, :, :, cols].transpose(2, 3), state.values[:, :, :, cols].transpose(2, 3)
+        summ = torch.einsum("bhnd,bhnrd->bhnr", q, keys) * scale
+        w = torch.softmax(torch.cat([local, summ], -1), -1)
+        return w[..., :t] @ state.value + torch.einsum("bhnr,bhnrd->bhnd", w[..., t:], values)
+    return joint_softmax(local, state.value, q @ state.keys.transpose(-1, -2) * scale, state.values)
 
 
 def advance(state: CombinerState, q, k, v, scale: float, options) -> torch.Tensor:
     """Causal outputs ``(B, H, n, Dv)`` of ``n`` new tokens ``q, k, v (B, H, n, ·)``; updates ``state``."""
     seg, axial, kind = options["segment"], options["factorization"] == "axial", _summary_kind(options)
-    outs, i, n = [], 0, q.shape[2]
-    while i < n:
+    B, H = q.shape[:2]
+    if state.keys is None:  # no completed segment yet
+        shape = (B, H, 0, seg) if axial else (B, H, 0)
+        state.keys, state.values = q.new_zeros(*shape, q.shape[-1]), v.new_zeros(*shape, v.shape[-1])
+    outs, i = [], 0
+    while i < q.shape[2]:
         have = 0 if state.key is None else state.key.shape[2]
-        take = min(seg - have, n - i)
+        take = min(seg - have, q.shape[2] - i)
         state.query = _cat(state.query, q[:, :, i:i + take])
         state.key, state.value = _cat(state.key, k[:, :, i:i + take]), _cat(state.value, v[:, :, i:i + take])
-        t = have + take
-        local = (q[:, :, i:i + take] @ state.key.transpose(-1, -2)) * scale  # (B, H, take, t)
-        visible = torch.arange(t, device=q.device)[None, :] <= torch.arange(have, t, device=q.device)[:, None]
-        local = local.masked_fill(~visible, NEG)
-        B, H = q.shape[:2]
-        if state.keys is None:
-            summ = local.new_zeros(B, H, take, 0)
-            sv = state.value.new_zeros(B, H, take if axial else 1, 0, state.value.shape[-1])
-            sv = sv if axial else sv[:, :, 0]
-        elif axial:
-            cols = torch.arange(have, t, device=q.device)
-            kr, sv = state.keys[:, :, :, cols].transpose(2, 3), state.values[:, :, :, cols].transpose(2, 3)
-            summ = (q[:, :, i:i + take, None, :] * kr).sum(-1) * scale  # (B, H, take, n_rows)
-        else:
-            summ, sv = q[:, :, i:i + take] @ state.keys.transpose(-1, -2) * scale, state.values
-        if axial:
-            logits = torch.cat([local, summ], -1)
-            m = logits.amax(-1, keepdim=True).detach()
-            w = torch.exp(logits - m)
-            w = w / w.sum(-1, keepdim=True)
-            outs.append(w[..., :t] @ state.value + (w[..., t:, None] * sv).sum(-2))
-        else:
-            outs.append(joint_softmax(local, state.value, summ, sv))
-        if t == seg:  # the segment is complete: summarize it
+        outs.append(_segment_outputs(state, q[:, :, i:i + take], have, scale, axial))
+        if have + take == seg:  # the segment is complete: keep its summaries only
             valid = torch.ones(seg, dtype=torch.bool, device=q.device)
-            fn = row_summaries if axial else fixed_summaries
-            kb, vb = fn(state.query, state.key, state.value, valid, scale, kind)
-            dim = 2
-            state.keys, state.values = _cat(state.keys, kb.unsqueeze(dim)), _cat(state.values, vb.unsqueeze(dim))
+            summarize = row_summaries if axial else fixed_summaries
+            kb, vb = summarize(state.query, state.key, state.value, valid, scale, kind)
+            state.keys, state.values = _cat(state.keys, kb.unsqueeze(2)), _cat(state.values, vb.unsqueeze(2))
             state.query = state.key = state.value = None
         i += take
-    state.length += n
+    state.length += q.shape[2]
     return torch.cat(outs, 2)
 
 

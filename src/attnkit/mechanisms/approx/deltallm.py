@@ -91,6 +91,10 @@ def _positions(call: AttentionCall) -> torch.Tensor:
 def _check_state(call: AttentionCall, state: DeltaState | None) -> None:
     if state is None or (state.reference is None and state.scores is None):
         return
+    held = "query" if state.reference is not None else "score"
+    if held != call.options["variant"]:
+        raise OptionError(f"method 'deltallm': the state holds a {held!r}-variant recurrence but this call asks "
+                          f"for variant={call.options['variant']!r}; use one DeltaState per variant.")
     first = call.k_len - call.q_len
     if state.position != first:
         raise OptionError(

@@ -253,6 +253,17 @@ class Rettention(Method):
         if rho is not None and not isinstance(rho, (numbers.Real, torch.Tensor)) or isinstance(rho, bool):
             raise OptionError(f"method 'rettention': rho must be a number or a tensor broadcastable to "
                               f"(B, H, L, 1), got {type(rho).__name__}.")
+        for name, want in (("rho", (call.batch, call.heads, call.q_len, 1)),
+                           ("residual", (call.batch, call.heads, call.q_len, call.value_dim))):
+            t = o[name]
+            if isinstance(t, torch.Tensor):
+                try:
+                    ok = torch.broadcast_shapes(t.shape, want) == want
+                except RuntimeError:
+                    ok = False
+                if not ok:
+                    raise OptionError(f"method 'rettention': {name} has shape {tuple(t.shape)}, which does not "
+                                      f"broadcast to (B, H, L, {'1' if name == 'rho' else 'Dv'}) = {want}.")
         if o["text_tokens"] >= L and (o["frames"] is not None or o["text_tokens"]):
             raise OptionError(f"method 'rettention': text_tokens={o['text_tokens']} leaves no video token "
                               f"in L={L}; use text_tokens < {L}.")
