@@ -11,6 +11,12 @@ normalized queries and then, unless ``share_qk``, the normalized keys ``x̃`` of
 ``aux_loss = commitment · mean((x̃ - sg(μ_{a}))²)`` summed over queries and (unshared) keys, set
 at every forward (add it to the training loss). Buffers: ``centroids (H, C, D)`` (initialized
 ``LN(randn)`` from ``seed``, or the given ``centroids``), ``ema_count (H, C)``, ``ema_means (H, C, D)``.
+
+Scores: ``q̃·k̃`` unscaled with ``normalize=True`` (official), ``q·k / sqrt(D)`` otherwise. The
+official code multiplies q by ``D^-0.5`` before the layer norm, which the norm undoes (up to its
+eps); the layer skips it. ``share_qk`` (default for causal self-attention with ``kv_heads ==
+heads``, as the official decoder) drops the key projection: keys are the queries. Decoding keeps
+the scored keys, values and the scan's carry (``RoutingCache``); centroids are not updated there.
 """
 
 from __future__ import annotations

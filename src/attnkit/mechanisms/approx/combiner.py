@@ -272,7 +272,7 @@ _ENGINES = (FormEngine("factorized", factorized), FormEngine("segmentwise", segm
 @register
 class Combiner(Method):
     info = MethodInfo(
-        name="combiner", family="A", kind="approximate", patterns=SELF_PATTERNS, decode=True, seed=(33,),
+        name="combiner", family="A", kind="approximate", patterns=SELF_PATTERNS, decode=True, seed=(51,),
         summary="Combiner: direct attention within a segment + one summary per other segment "
                 "(Fixed) or per earlier row at the same column (Axial), one softmax",
         backends=tuple(e.name for e in _ENGINES), state_size="(L/segment)*(D+Dv) + segment*(2D+Dv)",

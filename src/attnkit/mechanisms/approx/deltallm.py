@@ -286,7 +286,7 @@ _ENGINES = (FormEngine("chunked", chunked), FormEngine("recurrent", recurrent))
 @register
 class DeltaLLM(Method):
     info = MethodInfo(
-        name="deltallm", family="A", kind="approximate", patterns=CAUSAL_PATTERNS, decode=True, seed=(34,),
+        name="deltallm", family="A", kind="approximate", patterns=CAUSAL_PATTERNS, decode=True, seed=(47,),
         summary="DeltaLLM (reconstructed): exact attention in a local window, thresholded deltas of the "
                 "query (or of the scores) from the previous token outside it",
         backends=tuple(e.name for e in _ENGINES), state_size="D (query) or Lk (score) + the kv cache",

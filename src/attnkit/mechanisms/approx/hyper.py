@@ -339,7 +339,7 @@ _ENGINES = (FormEngine("sortlsh", fast),)
 @register
 class Hyper(Method):
     info = MethodInfo(
-        name="hyper", family="A", kind="approximate", patterns=ALL_PATTERNS, seed=(32,),
+        name="hyper", family="A", kind="approximate", patterns=ALL_PATTERNS, seed=(11,),
         summary="HyperAttention: sortLSH block-diagonal attention + uniformly sampled columns "
                 "(LSE-merged); causal by recursive halving",
         backends=tuple(e.name for e in _ENGINES),

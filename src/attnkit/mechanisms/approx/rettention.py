@@ -9,7 +9,8 @@ Mask. Without ``frames`` (PixArt): ``M[i, j] = |i - j| <= hw`` with ``hw = int(L
 With ``frames = F`` (CogVideoX): the first ``text_tokens = T`` rows and columns are dense; the
 other ``L - T`` tokens form ``F`` frames of ``S = (L - T) / F`` tokens, and video token at spatial
 index ``p`` sees spatial indices ``max(0, p - hw) <= p' <= p + hw`` (within the frame) in *every*
-frame, ``hw = int(S · window_share) // 2``. ``window_share >= 2`` covers every key.
+frame, ``hw = int(S · window_share) // 2`` (``text_tokens`` without ``frames``: one frame).
+``window_share >= 2`` covers every key.
 
 One step of a layer::
 
@@ -199,7 +200,7 @@ def reference(call: AttentionCall) -> torch.Tensor:
 @register
 class Rettention(Method):
     info = MethodInfo(
-        name="rettention", family="A", kind="approximate", patterns=frozenset({"noncausal-self"}), seed=(35,),
+        name="rettention", family="A", kind="approximate", patterns=frozenset({"noncausal-self"}), seed=(24,),
         summary="Re-ttention: very sparse local attention in diffusion steps, rescaled by the cached "
                 "softmax mass ratio and completed by a cached residual",
         backends=tuple(e.name for e in _ENGINES),
