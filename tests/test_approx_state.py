@@ -204,3 +204,20 @@ def test_rettention_runs_on_flex():
             got = ak.attend(q2, k2, v2, enable_gqa=True, method="rettention", backend="flex", state=b,
                             warmup=1, refresh_every=2)
             assert rel_err(got, want) < 1e-5
+
+
+def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu" / "bench_approx.py"
+    spec = importlib.util.spec_from_file_location("bench_approx", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--out", str(tmp_path), "--device", "cpu", "--lengths", "64", "--heads", "2", "--dim", "8",
+                        "--reps", "1", "--dtype", "float32", "--densities", "0.25"]) == 0
+    rows = json.loads((tmp_path / "bench_approx.json").read_text())["rows"]
+    names = {r["method"] for r in rows}
+    assert {"routing", "hyper", "combiner", "rettention", "deltallm", "dense (SDPA)"} <= names
+    assert not [r for r in rows if "error" in r] and "| deltallm |" in (tmp_path / "bench_approx.md").read_text()

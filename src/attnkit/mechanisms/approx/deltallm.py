@@ -109,7 +109,7 @@ def query_sources(q64, threshold: float, start: torch.Tensor | None):
     reference), the final reference and the count of entries below the threshold."""
     B, H, L, D = q64.shape
     src = torch.empty(B, H, L, D, dtype=torch.long, device=q64.device)
-    ref, ref_src, zeros = start, None, 0
+    ref, ref_src, zeros = start, None, torch.zeros((), dtype=torch.long, device=q64.device)
     if ref is not None:
         ref_src = torch.full((B, H, D), -1, dtype=torch.long, device=q64.device)
     for i in range(L):
@@ -117,11 +117,11 @@ def query_sources(q64, threshold: float, start: torch.Tensor | None):
             ref, ref_src = q64[:, :, i].clone(), torch.zeros(B, H, D, dtype=torch.long, device=q64.device)
         else:
             update = (q64[:, :, i] - ref).abs() >= threshold
-            zeros += int((~update).sum())
+            zeros += (~update).sum()
             ref = torch.where(update, q64[:, :, i], ref)
             ref_src = torch.where(update, torch.full_like(ref_src, i), ref_src)
         src[:, :, i] = ref_src
-    return src, ref, zeros
+    return src, ref, int(zeros)
 
 
 def score_sources(s64, pos, window: int, threshold: float, start: torch.Tensor | None):
@@ -130,7 +130,7 @@ def score_sources(s64, pos, window: int, threshold: float, start: torch.Tensor |
     B, H, L, Lk = s64.shape
     src = torch.empty(B, H, L, Lk, dtype=torch.long, device=s64.device)
     keys = torch.arange(Lk, device=s64.device)
-    prev, prev_src, zeros = None, None, 0
+    prev, prev_src, zeros = None, None, torch.zeros((), dtype=torch.long, device=s64.device)
     if start is not None:
         prev = torch.nn.functional.pad(start, (0, Lk - start.shape[-1]))
         prev_src = torch.full((B, H, Lk), -1, dtype=torch.long, device=s64.device)
@@ -141,11 +141,11 @@ def score_sources(s64, pos, window: int, threshold: float, start: torch.Tensor |
         else:
             far = keys <= pos[i] - window
             keep = far & ((s64[:, :, i] - prev).abs() < threshold)
-            zeros += int(keep.sum())
+            zeros += keep.sum()
             prev = torch.where(keep, prev, s64[:, :, i])
             prev_src = torch.where(keep, prev_src, row)
         src[:, :, i] = prev_src
-    return src, prev, zeros
+    return src, prev, int(zeros)
 
 
 def _far_entries(pos, window: int, first_fresh: bool, lk: int, per_row: int) -> int:
