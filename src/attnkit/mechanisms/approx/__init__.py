@@ -1,0 +1,1 @@
+"""Approximate attention: Routing Transformer, HyperAttention, Combiner, Re-ttention, DeltaLLM."""
