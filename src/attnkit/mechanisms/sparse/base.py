@@ -152,9 +152,11 @@ class SelectionEngine:
     def _inner_args(self, call: AttentionCall, sel: Selection):
         from ...backends.mask_spec import MaskSpec
 
-        spec = MaskSpec(sel.executed, block=sel.block)
+        spec = MaskSpec(sel.executed, sel.score_mod, tuple(sel.mod_tensors), block=sel.block)
         if sel.order is None:
             return call, spec
+        if sel.score_mod is not None:
+            raise NotImplementedError("a permuted selection with a score modification is not supported")
         order_q, order_k = sel.order
         q = _permute(call.query, order_q)
         k, v = call.key, call.value
@@ -208,9 +210,11 @@ class DynamicMethod(PatternMethod):
         return self.select(call).pattern
 
     def oracle_inputs(self, call: AttentionCall):
-        return self.select(call).mask(), None
+        sel = self.select(call)
+        return sel.mask(), sel.bias()
 
     def selection(self, call: AttentionCall, pattern: Pattern, **fields) -> Selection:
-        """A Selection of ``pattern`` for ``call`` (``fields``: run_pattern, order, details)."""
+        """A Selection of ``pattern`` for ``call`` (``fields``: run_pattern, order, details,
+        score_mod, mod_tensors)."""
         return Selection(self.info.name, pattern, call.batch, call.heads, call.q_len, call.k_len,
                          call.is_causal, call.options.get("block_size", 128), call.device, **fields)
