@@ -125,7 +125,7 @@ def train_bias(layer, data, steps: int = 100, lr: float = 1e-2) -> list[float]:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     finally:
         for p, r in zip(others, saved):
             p.requires_grad_(r)

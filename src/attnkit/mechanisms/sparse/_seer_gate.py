@@ -215,7 +215,8 @@ class SeerLayer(nn.Module):
         logits = self.gate_logits(q, k)
         first = logits.shape[2] // 4  # the first quarter of query blocks is dropped (official)
         logp = torch.log_softmax(logits[:, :, first:].float(), -1)
-        return torch.nn.functional.kl_div(logp, target[:, :, first:].float(), reduction="mean")
+        t = target[:, :, first:].float()
+        return (torch.xlogy(t, t) - t * logp).mean()  # KLDivLoss() with its default 'mean' reduction
 
     def selection(self, x, **sparsity):
         """``(Selection, q, k)``: the gate's selection on ``x`` with these sparsity options (default:
@@ -261,7 +262,7 @@ def train_gate(layer, data, steps: int = 100, lr: float = 1e-3) -> list[float]:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     finally:
         for p, r in zip(others, saved):
             p.requires_grad_(r)

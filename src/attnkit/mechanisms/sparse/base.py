@@ -19,6 +19,13 @@ attention. It replaces the method's own budget knob; giving both raises OptionEr
     hip        a query block's chunks in its search range              budget tokens (mask_k)
     vmoba      chunks per query (x S per head, x H*S for scope all)    top_k chunks (top-k mode)
     h2o        the sequence: cache = ceil(density * Lk) tokens          heavy + recent tokens
+    seer       a query block's visible key blocks                      threshold / nz_ratio
+    dma        the keys: window = ceil(density * Lk)                   window (keys per query)
+
+(hcam and landmark, two-level methods outside this base, count a query's eligible chunks /
+past blocks the same way, in place of top_k.) A selection may carry an additive score
+modification (``Selection.score_mod``; DMA's per-key bias), which the engines apply and the
+oracle receives as ``bias``.
 
 Execution cost. The engines visit every (query tile, key tile) pair that any query of the
 tile needs. Per-query selections (MoBA, Kinetics, VMoBA, HiP with ``query_chunk=1``) united over

@@ -85,23 +85,31 @@ def key_bias(call) -> torch.Tensor:
 
 def eviction_times(beta: torch.Tensor, window: int) -> torch.Tensor:
     """``until (B, Hkv, Lk)``: key j is in the top-``window`` of the prefix ``[0, a]`` (ties to the
-    later key) exactly for ``j <= a < until[j]``; ``until[j] = j`` if never, ``Lk`` if never evicted."""
+    later key) exactly for ``j <= a < until[j]``; ``until[j] = j`` if never, ``Lk`` if never evicted.
+
+    With keys ranked best first, j leaves the prefix's top-window when the ``window``-th better
+    key arrives: ``until[j] = max(j, the window-th smallest position among keys ranked above j)``
+    (``Lk`` when fewer than ``window`` keys rank above it). ``O(Lk^2)`` comparisons in chunks."""
     B, Hk, L = beta.shape
+    rank = _ranks(beta)
     pos = torch.arange(L, device=beta.device)
     until = torch.empty(B, Hk, L, dtype=torch.long, device=beta.device)
-    step = rows_per_chunk(4 * B * Hk * L, beta.device)
+    step = rows_per_chunk(6 * B * Hk * L, beta.device)
     for j0 in range(0, L, step):
         j1 = min(L, j0 + step)
-        jp = pos[j0:j1, None]
-        bj = beta[:, :, j0:j1, None]
-        beats = (beta[:, :, None, :] > bj) | ((beta[:, :, None, :] == bj) & (pos > jp))  # (B, Hk, J, L)
-        before = (beats & (pos < jp)).sum(-1)  # stronger keys already there
-        need = window - before  # stronger later keys that evict j
-        after = (beats & (pos > jp)).to(torch.int32).cumsum(-1)
-        hit = after >= need[..., None].to(torch.int32)
-        first = torch.where(hit.any(-1), hit.to(torch.int8).argmax(-1), L)
-        until[:, :, j0:j1] = torch.where(need <= 0, jp.squeeze(-1), first)
+        better = rank[:, :, None, :] < rank[:, :, j0:j1, None]  # (B, Hk, J, L)
+        hit = better.to(torch.int32).cumsum(-1) >= window
+        first = torch.where(hit[..., -1], hit.to(torch.int8).argmax(-1), L)
+        until[:, :, j0:j1] = torch.maximum(first, pos[j0:j1])
     return until
+
+
+def _ranks(beta: torch.Tensor) -> torch.Tensor:
+    """Rank of every key by ``β`` (0 = largest; ties: the later key ranks higher)."""
+    L = beta.shape[-1]
+    order = L - 1 - torch.sort(beta.flip(-1), dim=-1, descending=True, stable=True).indices
+    ranks = torch.arange(L, device=beta.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks)
 
 
 def top_window(beta: torch.Tensor, window: int) -> torch.Tensor:
@@ -160,7 +168,8 @@ class DMA(DynamicMethod):
             learned_option("A and dt_proj (initialised as the official Doge layer: A = 0)"),
             BLOCK_SIZE),
         references="Shi et al. 2025, Trainable Dynamic Mask Sparse Attention (arXiv 2508.02124); "
-                   "github.com/SmallDoges/flash-dmattn flash_sparse_attn/utils/mask.py, examples/modeling/modeling_doge.py")
+                   "github.com/SmallDoges/flash-dmattn flash_sparse_attn/utils/mask.py, "
+                   "examples/modeling/modeling_doge.py")
 
     def check_options(self, call):
         o = call.options

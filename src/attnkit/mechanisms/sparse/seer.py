@@ -140,7 +140,8 @@ class Seer(DynamicMethod):
         summary="SeerAttention: a block gate keeps (query block, key block) tiles; exact block-sparse attention",
         backends=MASK_BACKENDS, layer_settings=frozenset({"rope", "rope_base", "bias"}),
         options=options(
-            Option("gate_block", "int", DEFAULT_BLOCK, "query / key block of the gate (seerattn_gate_block_size)", low=1),
+            Option("gate_block", "int", DEFAULT_BLOCK, "query / key block of the gate (seerattn_gate_block_size)",
+                   low=1),
             Option("threshold", "float", None, f"keep tiles whose gate probability exceeds this (default "
                    f"{DEFAULT_THRESHOLD}; < 0 keeps all)", nullable=True),
             Option("nz_ratio", "float", None, "official top-k mode: k' = max(1, int((1 - sqrt(1 - nz_ratio)) * nk)) "
