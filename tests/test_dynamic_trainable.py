@@ -307,6 +307,8 @@ def test_hcam_learned_module():
     assert rel_err(torch.cat(steps, 1), full) < 1e-12
     with pytest.raises(ak.ShapeError, match="multiple"):
         layer(x, context=memory[:, :33])
+    with pytest.raises(ak.ArgumentError, match="rope"):  # its memory carries its own position encodings
+        ak.nn.Attention(12, 3, method="hcam", learned=True, causal=True, rope=True)
 
 
 # -- landmark ------------------------------------------------------------------------------------
@@ -450,4 +452,6 @@ def test_bench_dynamic_script_runs_the_trainable_methods_on_cpu(tmp_path):
             assert "error" not in r, r
             assert r["selection_ms"] > 0 and r["attention_ms"] > 0 and 0 < r["density"] <= 1
             assert 0 <= r["recall"] <= 1 + 1e-9
-            assert r["backend"] == ("gather" if r["method"] in ("hcam", "landmark") else "blocksparse")
+            two_level = r["method"] in ("hcam", "landmark")
+            assert r["backend"] == ("gather" if two_level else "blocksparse")
+            assert r.get("dense_form_ms", 1) > 0 and (not two_level or "dense_form_ms" in r)

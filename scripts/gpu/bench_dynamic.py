@@ -10,8 +10,9 @@ one timed run when a selection takes over 2 s), beside cuDNN dense SDPA (causal 
 in the same process. seer runs its training-free pooled gate and dma its fixed stand-in bias
 (their learned parts need a trained model). hcam and landmark are two-level methods without an
 ``ak.select``: their selection step is the method's ``prepare`` (top-k chunks / blocks and
-their outer logits, a ``GroupPlan``) and their attention the ``gather`` form on that plan; their
-density counts the keys a query reads and their tile density is not defined (``-``).
+their outer logits, a ``GroupPlan``) and their attention the ``gather`` form on that plan (the
+JSON also records the ``dense`` form on the same plan as ``dense_form_ms``); their density counts
+the keys a query reads and their tile density is not defined (``-``).
 The attention runs on ``backend="flex"`` when the methods offer it on this device, else on
 ``blocksparse``; every row records its backend. Rows also give the kept density (over the pairs
 dense attention uses), the fraction of 128x128 tiles an engine visits, and the softmax-mass
@@ -129,12 +130,17 @@ def dense_rows(q, k, v, reps, device) -> list[dict]:
 def two_level_row(row, name, opts, q, k, v, args, device) -> dict:
     """hcam / landmark: ``prepare`` (the selection) and the gather form (the attention) timed apart."""
     from attnkit.api import _dispatch
+    from attnkit.mechanisms.sparse._two_level import run_plan_dense
 
     impl, call, engine, _ = _dispatch(q, k, v, None, 0.0, True, None, False, name, "auto", None, opts)
     row["backend"] = engine.name
     row["selection_ms"], plan = timed(lambda: impl.prepare(call), args.reps, device)
     row["attention_ms"], _ = timed(lambda: engine.run(call, plan), args.reps, device)
     row["total_ms"] = row["selection_ms"] + row["attention_ms"]
+    try:  # the same plan through the dense-score form, for comparison (JSON only)
+        row["dense_form_ms"], _ = timed(lambda: run_plan_dense(call, plan), args.reps, device)
+    except Exception as err:  # e.g. out of memory at long lengths: recorded
+        row["dense_form_error"] = f"{type(err).__name__}: {err}"
     rows = torch.linspace(0, q.shape[2] - 1, min(args.recall_rows, q.shape[2]), device=device).long()
     row["density"], row["recall"] = plan_density_recall(plan, q, k, call.scale, rows)
     row["tile_density"] = None

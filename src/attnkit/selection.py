@@ -189,8 +189,9 @@ def select(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None = 
     impl = get_method(method)
     if not hasattr(impl, "select"):
         raise ArgumentError(
-            f"method {method!r} has no selection step (it is not a dynamic-sparsity method); "
-            "ak.select takes methods such as 'moba', 'vmoba', 'kinetics', 'hip', 'h2o'.")
+            f"method {method!r} exports no Selection (exact attention on selected keys); ak.select takes "
+            "methods such as 'moba', 'vmoba', 'kinetics', 'hip', 'h2o', 'seer', 'dma'. Two-level methods "
+            "('hcam', 'landmark') export their selection as ak.explain(...).plan.")
     if attn_mask is not None:
         raise ArgumentError(f"method {method!r} takes no attn_mask (selections ignore it); drop attn_mask.")
     value = key if value is None else value

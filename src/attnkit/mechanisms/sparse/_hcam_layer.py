@@ -54,8 +54,7 @@ def sinusoid_position_encoding(length: int, dim: int, device=None, dtype=torch.f
 class HCAMLayer(nn.Module):
     """HierarchicalMemoryAttention over a chunked memory (``context``) or the layer's own past."""
 
-    def __init__(self, impl, *, dim, heads, kv_heads, head_dim, causal, cross, context_dim, backend="auto",
-                 **options: Any):
+    def __init__(self, impl, *, dim, heads, kv_heads, head_dim, causal, cross, context_dim, **options: Any):
         super().__init__()
         opts = impl.info.options.validate(options, "hcam")
         if kv_heads != heads:

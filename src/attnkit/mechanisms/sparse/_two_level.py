@@ -15,7 +15,12 @@ token by token, which is the same as one group with that logit).
 
 :func:`group_attention` computes ``o`` and the inner log-sum-exp by gathering each row's chosen
 groups (``O(rows x groups x size)`` work and memory, in chunks of rows); :func:`combine` merges
-them. Both are plain differentiable PyTorch. Rows with no chosen group give 0.
+them: the ``gather`` form. The ``dense`` form (:func:`run_plan_dense`) computes the same output
+from dense score rows — as one masked softmax whose scores get the per-(row, group) bias
+``log w[i, g] - lse[i, g]``, since ``Σ_g w_g o_g = Σ_j exp(s_j - lse_g(j) + log w_g(j)) v_j`` — with
+dense matmul work but no per-query copies (faster on a CPU at moderate lengths; the gather form's
+work follows the keys read). Both are plain differentiable PyTorch. Rows with no chosen group
+give 0.
 """
 
 from __future__ import annotations
@@ -76,10 +81,7 @@ def group_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gro
     offs = torch.arange(size, device=q.device)
     pos = groups[..., None] * size + offs  # (B, H, R, G, P)
     ok = key_allowed(pos, q_pos.view(1, 1, R, 1, 1), size, Lk, causal, skip_last) & (groups[..., None] >= 0)
-    b = torch.arange(B, device=q.device).view(B, 1, 1, 1, 1)
-    hk = (torch.arange(H, device=q.device) // (H // Hk)).view(1, H, 1, 1, 1)
-    idx = pos.clamp(0, Lk - 1)
-    kg, vg = key[b, hk, idx].to(wd), value[b, hk, idx].to(wd)  # (B, H, R, G, P, ·)
+    kg, vg = _gather_groups(key, groups, size, H).to(wd), _gather_groups(value, groups, size, H).to(wd)
     s = torch.einsum("bhrd,bhrgpd->bhrgp", q.to(wd), kg) * scale
     alive = ok.any(-1)
     s = torch.where(ok, s, torch.where(alive[..., None], float("-inf"), 0.0))  # empty groups: finite, then dropped
@@ -87,6 +89,20 @@ def group_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gro
     p = torch.exp(s - lse[..., None]) * ok
     o = torch.einsum("bhrgp,bhrgpd->bhrgd", p, vg)
     return o, torch.where(alive, lse, float("-inf"))
+
+
+def _gather_groups(x: torch.Tensor, groups: torch.Tensor, size: int, heads: int) -> torch.Tensor:
+    """Whole groups of ``x (B, Hkv, Lk, F)`` for ``groups (B, H, R, G)`` (query heads read their kv
+    head; unused slots read group 0): ``(B, H, R, G, size, F)``, one contiguous block copy each."""
+    B, Hk, Lk, F = x.shape
+    n = -(-Lk // size)
+    if n * size != Lk:
+        x = torch.nn.functional.pad(x, (0, 0, 0, n * size - Lk))
+    blocks = x.reshape(B * Hk * n, size, F)
+    base = (torch.arange(B, device=x.device).view(B, 1, 1, 1) * Hk
+            + (torch.arange(heads, device=x.device) // (heads // Hk)).view(1, heads, 1, 1)) * n
+    flat = (base + groups.clamp(0, n - 1)).reshape(-1)
+    return blocks.index_select(0, flat).view(*groups.shape, size, F)
 
 
 def combine(o: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
@@ -119,6 +135,53 @@ def run_plan(call, plan: GroupPlan) -> torch.Tensor:
     return torch.cat(outs, 2).to(call.dtype)
 
 
+def run_plan_dense(call, plan: GroupPlan) -> torch.Tensor:
+    """The same output from dense score rows: ``s = q kᵀ`` against every key (chunks of rows), each
+    key weighted ``exp(s_j - lse_g + log w_g)`` for its group g (0 unless chosen), then ``W v``.
+    Dense matmul work (``O(Lq Lk D)``) but no per-query gathering."""
+    B, H, Lq, G = plan.groups.shape
+    P, Lk = plan.size, call.k_len
+    n = -(-Lk // P)
+    wd = work_dtype(call.query)
+    g = call.group
+    k = call.key.to(wd)
+    v = call.value.to(wd)
+    keys = torch.arange(n * P, device=call.device)
+    outs = []
+    step = rows_per_chunk(B * H * n * P * 3, call.device)
+    for r0 in range(0, Lq, step):
+        r1 = min(Lq, r0 + step)
+        R = r1 - r0
+        q = call.query[:, :, r0:r1].to(wd).reshape(B, call.kv_heads, g * R, -1)
+        s = (q @ k.transpose(-1, -2)).view(B, H, R, Lk) * call.scale
+        s = torch.nn.functional.pad(s, (0, n * P - Lk)).view(B, H, R, n, P)
+        q_pos = (torch.arange(r0, r1, device=call.device) + call.causal_offset).view(1, 1, R, 1, 1)
+        ok = key_allowed(keys.view(n, P), q_pos, P, Lk, plan.causal, plan.skip_last)
+        groups = plan.groups[:, :, r0:r1]
+        chosen = torch.zeros(B, H, R, n + 1, dtype=torch.bool, device=call.device)
+        chosen = chosen.scatter(-1, torch.where(groups >= 0, groups, n), True)[..., :n]
+        ok = ok & chosen[..., None]
+        alive = ok.any(-1)
+        s = torch.where(ok, s, torch.where(alive[..., None], float("-inf"), 0.0))
+        lse = torch.logsumexp(s, -1)  # (B, H, R, n)
+        outer = plan.outer[:, :, r0:r1].to(wd)
+        if plan.own_lse_slot is not None:
+            own = plan.own_lse_slot
+            own_lse = lse.gather(-1, groups[..., own:own + 1].clamp(min=0))
+            outer = torch.cat([outer[..., :own], torch.where(groups[..., own:own + 1] >= 0, own_lse, float("-inf")),
+                               outer[..., own + 1:]], -1)
+        per_group = torch.full((B, H, R, n + 1), float("-inf"), dtype=wd, device=call.device)
+        per_group = per_group.scatter(-1, torch.where(groups >= 0, groups, n), outer)[..., :n]
+        m = per_group.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        total = torch.exp(per_group - m).sum(-1, keepdim=True).clamp_min(torch.finfo(wd).tiny)
+        log_w = per_group - m - torch.log(total)  # rows without a group: -inf everywhere, never NaN
+        weights = torch.exp(s - (lse - log_w)[..., None]) * ok  # (B, H, R, n, P)
+        weights = weights.view(B, H, R, n * P)[..., :Lk].reshape(B, call.kv_heads, g * R, Lk)
+        outs.append((weights @ v).view(B, H, R, -1))
+    return torch.cat(outs, 2).to(call.dtype)
+
+
 def top_groups(scores: torch.Tensor, eligible: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Group ids ``(..., K)`` of the ``keep`` (per row, broadcastable) best eligible entries of
     ``scores (..., n)``; unused slots are -1. ``K = max(keep)`` (at least 1 slot)."""
@@ -139,7 +202,8 @@ def gather_outer(logits_fn, groups: torch.Tensor) -> torch.Tensor:
 
 
 class PlanEngine:
-    """The ``gather`` form: runs a method's GroupPlan (CPU and GPU)."""
+    """The ``gather`` form: runs a method's GroupPlan by gathering each row's groups (work and
+    memory traffic proportional to the keys read; CPU and GPU)."""
 
     name = "gather"
 
@@ -152,4 +216,17 @@ class PlanEngine:
         return run_plan(call, plan)
 
 
-__all__ = ["GroupPlan", "PlanEngine", "combine", "group_attention", "run_plan", "top_groups"]
+
+
+class DensePlanEngine(PlanEngine):
+    """The ``dense`` form: the same plan from dense score rows (``run_plan_dense``): dense matmul
+    work, no per-query copies of keys; for short sequences and checking."""
+
+    name = "dense"
+
+    def run(self, call, plan: GroupPlan) -> torch.Tensor:
+        return run_plan_dense(call, plan)
+
+
+__all__ = ["DensePlanEngine", "GroupPlan", "PlanEngine", "combine", "group_attention", "run_plan", "run_plan_dense",
+           "top_groups"]

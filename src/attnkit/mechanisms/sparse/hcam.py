@@ -19,8 +19,10 @@ Kind ``approximate``: the two-level weights are not one softmax over tokens; wit
 and every chunk kept it equals dense attention (each chunk is one token). "Exact once the
 selection is made" means: given the kept chunks and their relevances (the plan that
 ``ak.explain(...).plan`` exports, a :class:`~._two_level.GroupPlan`), each ``o[i, c]`` is exact
-softmax attention over chunk c. ``density=1`` keeps every eligible chunk — the two-level attention
-without selection, not dense attention. Selection is per query head (each head scores its kv
+softmax attention over chunk c. Backends: ``gather`` (each query's chunks gathered; work follows
+the keys read) and ``dense`` (the same plan from dense score rows; see :mod:`._two_level`).
+``density=1`` keeps every eligible chunk — the two-level attention without selection, not dense
+attention. Selection is per query head (each head scores its kv
 head's summaries) and reads only keys at or before the query when causal, so decoding through
 ``ak.nn.Attention``'s key/value cache equals the forward.
 
@@ -49,7 +51,7 @@ from ...errors import OptionError
 from ...options import Option
 from ...patterns.plan import cdiv
 from ...registry import Method, MethodInfo, options, register
-from ._two_level import GroupPlan, PlanEngine, gather_outer, top_groups
+from ._two_level import DensePlanEngine, GroupPlan, PlanEngine, gather_outer, top_groups
 from .base import budget_from_density, by_query_head, density_option, key_means, resolve_budget, rows_per_chunk
 from .seer import learned_option, refuse_learned
 
@@ -70,7 +72,7 @@ class HCAM(Method):
     info = MethodInfo(
         name="hcam", family="D", kind="approximate", seed=(56, 2), decode=True, patterns=ALL_PATTERNS,
         summary="HCAM: relevance to chunk summaries picks the top-k chunks; softmax inside each, weighted",
-        backends=("gather",), layer_settings=frozenset({"backend"}),
+        backends=("gather", "dense"),
         options=options(
             Option("chunk_size", "int", DEFAULT_CHUNK, "keys per chunk (C)", low=1),
             Option("top_k", "int", None, f"chunks kept per query (k; default {DEFAULT_TOP_K}), besides the "
@@ -83,7 +85,7 @@ class HCAM(Method):
                    "deepmind-research hierarchical_transformer_memory/hierarchical_attention/htm_attention.py")
 
     def engines(self):
-        return (PlanEngine(),)
+        return (PlanEngine(), DensePlanEngine())
 
     def validate(self, call):
         o = call.options

@@ -18,7 +18,7 @@ The sequence holds landmark tokens: with blocks of ``P = block`` positions (the 
     out_i          = Σ_j w_ij v_j
 
 Kind ``approximate``: the grouped softmax is not dense attention (equal to it only for sequences
-shorter than one block). Its fast form (``gather``) is the two-level attention of
+shorter than one block). Its fast forms (``gather``, ``dense``) are the two-level attention of
 :mod:`._two_level` — a landmark's mass times an exact softmax inside its block, the current block's
 tokens merged in by their log-sum-exp; "exact once the selection is made" means each kept block's
 inner softmax is exact. The retrieval step (``ak.explain(...).plan``, a ``GroupPlan``) is the
@@ -52,7 +52,7 @@ from ...call import CAUSAL_PATTERNS
 from ...errors import ShapeError
 from ...options import Option
 from ...registry import Method, MethodInfo, options, register
-from ._two_level import GroupPlan, PlanEngine, gather_outer, top_groups
+from ._two_level import DensePlanEngine, GroupPlan, PlanEngine, gather_outer, top_groups
 from .base import budget_from_density, by_query_head, density_option, rows_per_chunk
 
 DEFAULT_BLOCK = 64
@@ -83,7 +83,7 @@ class Landmark(Method):
     info = MethodInfo(
         name="landmark", family="D", kind="approximate", seed=(74,), decode=True, patterns=CAUSAL_PATTERNS,
         summary="Landmark Attention: grouped softmax through per-block landmark tokens; top-k block retrieval",
-        backends=("gather",),
+        backends=("gather", "dense"),
         options=options(
             Option("block", "int", DEFAULT_BLOCK, "positions per block, its landmark last (mem_freq + 1)", low=2),
             Option("top_k", "int", None, "past blocks retrieved per query by landmark score (cache_top_k); None: "
@@ -94,7 +94,7 @@ class Landmark(Method):
                    "landmark-attention llama/llama_mem.py")
 
     def engines(self):
-        return (PlanEngine(),)
+        return (PlanEngine(), DensePlanEngine())
 
     def validate(self, call):
         budget(self.info.name, call.options)

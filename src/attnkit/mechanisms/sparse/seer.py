@@ -138,7 +138,7 @@ class Seer(DynamicMethod):
         name="seer", family="D", kind="exact", seed=(21,),
         patterns=frozenset({"causal-self", "noncausal-self", "noncausal-cross"}),
         summary="SeerAttention: a block gate keeps (query block, key block) tiles; exact block-sparse attention",
-        backends=MASK_BACKENDS, layer_settings=frozenset({"rope", "rope_base", "bias"}),
+        backends=MASK_BACKENDS, layer_settings=frozenset({"rope", "rope_base", "bias", "backend"}),
         options=options(
             Option("gate_block", "int", DEFAULT_BLOCK, "query / key block of the gate (seerattn_gate_block_size)",
                    low=1),
