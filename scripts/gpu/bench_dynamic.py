@@ -3,10 +3,16 @@
     python scripts/gpu/bench_dynamic.py --out results/dynamic            # H100/H200: L=32768, B1 H16 D128, bf16
     python scripts/gpu/bench_dynamic.py --out /tmp/d --device cpu --length 256 --heads 2 --dim 16 --reps 1
 
-For each method (moba, vmoba, kinetics, hip, h2o) at each density (default 5 %, 10 %, 25 %):
-``ak.select`` (the selection step alone) and ``Selection.attend`` (exact attention on that
-selection) are timed separately (median of ``--reps`` after one warm-up; one timed run when a
-selection takes over 2 s), beside cuDNN dense SDPA (causal and non-causal) in the same process.
+For each method (moba, vmoba, kinetics, hip, h2o, seer, dma; hcam, landmark) at each density
+(default 5 %, 10 %, 25 %): ``ak.select`` (the selection step alone) and ``Selection.attend``
+(exact attention on that selection) are timed separately (median of ``--reps`` after one warm-up;
+one timed run when a selection takes over 2 s), beside cuDNN dense SDPA (causal and non-causal)
+in the same process. seer runs its training-free pooled gate and dma its fixed stand-in bias
+(their learned parts need a trained model). hcam and landmark are two-level methods without an
+``ak.select``: their selection step is the method's ``prepare`` (top-k chunks / blocks and
+their outer logits, a ``GroupPlan``) and their attention the ``gather`` form on that plan (the
+JSON also records the ``dense`` form on the same plan as ``dense_form_ms``); their density counts
+the keys a query reads and their tile density is not defined (``-``).
 The attention runs on ``backend="flex"`` when the methods offer it on this device, else on
 ``blocksparse``; every row records its backend. Rows also give the kept density (over the pairs
 dense attention uses), the fraction of 128x128 tiles an engine visits, and the softmax-mass
@@ -30,7 +36,8 @@ import torch
 
 import attnkit as ak
 
-METHODS = ("moba", "vmoba", "kinetics", "hip", "h2o")
+METHODS = ("moba", "vmoba", "kinetics", "hip", "h2o", "seer", "dma", "hcam", "landmark")
+TWO_LEVEL = ("hcam", "landmark")  # no ak.select: prepare (selection) + the gather form (attention)
 
 
 def method_options(name: str, length: int) -> dict:
@@ -44,6 +51,12 @@ def method_options(name: str, length: int) -> dict:
         return {"chunk_size": 16, "sink": 4, "local": 16}
     if name == "hip":  # the paper's prefill setting (query blocks of 32 share one selection)
         return {"query_chunk": 32, "key_chunk": 2, "window": min(128, max(1, length // 8))}
+    if name == "seer":  # the official gate block (16 for short test runs)
+        return {"gate_block": 64 if length >= 1024 else 16}
+    if name == "hcam":
+        return {"chunk_size": 64 if length >= 1024 else 16}
+    if name == "landmark":  # the LLaMA setting: 63 tokens + a landmark per block
+        return {"block": 64 if length >= 1024 else 16}
     return {}
 
 
@@ -114,11 +127,66 @@ def dense_rows(q, k, v, reps, device) -> list[dict]:
     return rows
 
 
+def two_level_row(row, name, opts, q, k, v, args, device) -> dict:
+    """hcam / landmark: ``prepare`` (the selection) and the gather form (the attention) timed apart."""
+    from attnkit.api import _dispatch
+    from attnkit.mechanisms.sparse._two_level import run_plan_dense
+
+    impl, call, engine, _ = _dispatch(q, k, v, None, 0.0, True, None, False, name, "auto", None, opts)
+    row["backend"] = engine.name
+    row["selection_ms"], plan = timed(lambda: impl.prepare(call), args.reps, device)
+    row["attention_ms"], _ = timed(lambda: engine.run(call, plan), args.reps, device)
+    row["total_ms"] = row["selection_ms"] + row["attention_ms"]
+    try:  # the same plan through the dense-score form, for comparison (JSON only)
+        row["dense_form_ms"], _ = timed(lambda: run_plan_dense(call, plan), args.reps, device)
+    except Exception as err:  # e.g. out of memory at long lengths: recorded
+        row["dense_form_error"] = f"{type(err).__name__}: {err}"
+    rows = torch.linspace(0, q.shape[2] - 1, min(args.recall_rows, q.shape[2]), device=device).long()
+    row["density"], row["recall"] = plan_density_recall(plan, q, k, call.scale, rows)
+    row["tile_density"] = None
+    return row
+
+
+def plan_density_recall(plan, q, k, scale, rows) -> tuple[float, float]:
+    """Kept share of the causal pairs (keys a query reads, over all rows) and the softmax-mass recall
+    of those keys over ``rows`` (causal self-attention)."""
+    from attnkit.mechanisms.sparse._two_level import key_allowed
+
+    L = q.shape[2]
+    group = q.shape[1] // k.shape[1]
+    kept = 0.0
+    offs = torch.arange(plan.size, device=q.device)
+    step = max(1, (1 << 24) // max(1, plan.groups[:, :, :1].numel() * plan.size))
+    for r0 in range(0, L, step):
+        g = plan.groups[:, :, r0:r0 + step]
+        pos = g[..., None] * plan.size + offs
+        a = torch.arange(r0, r0 + g.shape[2], device=q.device).view(1, 1, -1, 1, 1)
+        ok = key_allowed(pos, a, plan.size, L, plan.causal, plan.skip_last) & (g[..., None] >= 0)
+        kept += float(ok.sum())
+    density = kept / (q.shape[0] * q.shape[1] * L * (L + 1) / 2)
+    g = plan.groups[:, :, rows]
+    pos = g[..., None] * plan.size + offs
+    ok = key_allowed(pos, rows.view(1, 1, -1, 1, 1), plan.size, L, plan.causal, plan.skip_last) & (g[..., None] >= 0)
+    hits = torch.zeros(*g.shape[:3], L, dtype=torch.int32, device=q.device)
+    mask = hits.scatter_add_(-1, pos.clamp(0, L - 1).flatten(3), ok.flatten(3).to(torch.int32)) > 0
+    kk = k.float().repeat_interleave(group, 1)
+    s = (q[:, :, rows].float() @ kk.transpose(-1, -2)) * scale
+    s = s.masked_fill(torch.arange(L, device=q.device) > rows[:, None], float("-inf"))
+    p = torch.softmax(s, -1)
+    return density, float((p * mask).sum(-1).mean())
+
+
 def method_row(name, density, q, k, v, args, device, backend) -> dict:
     causal = name != "vmoba"
     opts = {**method_options(name, q.shape[2]), "density": density}
     row = {"method": name, "target_density": density, "causal": causal, "options": _jsonable(opts),
            "backend": backend}
+    if name in TWO_LEVEL:
+        try:
+            return two_level_row(row, name, opts, q, k, v, args, device)
+        except Exception as err:  # recorded, never hidden
+            row["error"] = f"{type(err).__name__}: {err}"
+            return row
     try:
         row["selection_ms"], sel = timed(lambda: ak.select(q, k, v, is_causal=causal, method=name, **opts),
                                          args.reps, device)
@@ -165,12 +233,16 @@ def markdown(env: dict, config: dict, rows: list[dict]) -> str:
             continue
         base = dense.get(r["causal"])
         lines.append(
-            f"| {r['method']} | {r['target_density']:.0%} | {r['density']:.3f} | {r['tile_density']:.3f} | "
+            f"| {r['method']} | {r['target_density']:.0%} | {r['density']:.3f} | {_num(r['tile_density'])} | "
             f"{r['recall']:.3f} | {_ms(r['selection_ms'])} | {_ms(r['attention_ms'])} | {r['backend']} | "
             f"{_ms(r['total_ms'])} | {_ms(base)} | {_ratio(base, r['attention_ms'])} | {_ratio(base, r['total_ms'])} |")
     lines += ["", "Kept density: kept (query, key) pairs over those dense attention uses. Tile density: fraction of "
               "128x128 tiles the engine visits. Recall: dense attention's softmax mass on the kept keys."]
     return "\n".join(lines) + "\n"
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _ms(x) -> str:

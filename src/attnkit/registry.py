@@ -177,6 +177,13 @@ class Method:
                 "(Method.bench_options)")
         return {}
 
+    def owns_layer(self, options: dict[str, Any]) -> bool:
+        """Whether ``ak.nn.Attention`` builds this method's own module (``build_layer``) for these
+        validated options, instead of projections + ``ak.attend``. Methods of kind ``layer``
+        always do; a functional method may for some options (e.g. ``learned=True``: a layer that
+        owns the trainable parameters whose outputs the functional form takes as tensors)."""
+        return self.info.kind == "layer"
+
     def build_layer(self, *, dim: int, heads: int, kv_heads: int, head_dim: int, causal: bool,
                     cross: bool, context_dim: int | None, **options: Any):
         """Methods of kind ``layer``: the ``nn.Module`` that ``ak.nn.Attention`` wraps. It takes

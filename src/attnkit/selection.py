@@ -41,6 +41,9 @@ class Selection:
     (``(order_q, order_k)``, each ``(Hp, L)``: row r of the permuted query is query
     ``order_q[h, r]``) when ``order`` is given (VMoBA's 2-D/3-D blocks), else ``pattern`` itself.
     ``details`` holds method-specific facts (budgets per query, the chunk size, ...).
+    ``score_mod(scores, b, h, q, k, *mod_tensors)`` is an optional additive score modification
+    the engines apply on top of the mask (DMA's per-key bias); it may be differentiable through
+    ``mod_tensors``.
     """
 
     method: str
@@ -55,6 +58,8 @@ class Selection:
     run_pattern: Pattern | None = None
     order: tuple[torch.Tensor, torch.Tensor] | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    score_mod: Any = None
+    mod_tensors: tuple[torch.Tensor, ...] = ()
 
     @property
     def executed(self) -> Pattern:
@@ -65,6 +70,19 @@ class Selection:
         """The selection as a bool ``(B, H, Lq, Lk)`` tensor (small sizes: it is Lq x Lk)."""
         m = self.pattern.dense(self.q_len, self.k_len, device or self.device)
         return m.expand(self.batch, self.heads, self.q_len, self.k_len)
+
+    def bias(self, device=None) -> torch.Tensor | None:
+        """The score modification as a float64 ``(B, H, Lq, Lk)`` bias (None without one); for the
+        oracle at small sizes. Differentiable through ``mod_tensors``."""
+        if self.score_mod is None:
+            return None
+        dev = device or self.device
+        zero = torch.zeros(self.batch, self.heads, self.q_len, self.k_len, dtype=torch.float64, device=dev)
+        b = torch.arange(self.batch, device=dev).view(-1, 1, 1, 1)
+        h = torch.arange(self.heads, device=dev).view(1, -1, 1, 1)
+        q = torch.arange(self.q_len, device=dev).view(1, 1, -1, 1)
+        k = torch.arange(self.k_len, device=dev).view(1, 1, 1, -1)
+        return self.score_mod(zero, b, h, q, k, *[t.to(dev, torch.float64) for t in self.mod_tensors])
 
     def kept(self) -> torch.Tensor:
         """Visible keys per query ``(B, H, Lq)`` (int64), counted over chunks of rows."""
@@ -171,8 +189,9 @@ def select(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None = 
     impl = get_method(method)
     if not hasattr(impl, "select"):
         raise ArgumentError(
-            f"method {method!r} has no selection step (it is not a dynamic-sparsity method); "
-            "ak.select takes methods such as 'moba', 'vmoba', 'kinetics', 'hip', 'h2o'.")
+            f"method {method!r} exports no Selection (exact attention on selected keys); ak.select takes "
+            "methods such as 'moba', 'vmoba', 'kinetics', 'hip', 'h2o', 'seer', 'dma'. Two-level methods "
+            "('hcam', 'landmark') export their selection as ak.explain(...).plan.")
     if attn_mask is not None:
         raise ArgumentError(f"method {method!r} takes no attn_mask (selections ignore it); drop attn_mask.")
     value = key if value is None else value

@@ -10,7 +10,8 @@ query at step t see exactly what row t saw in the full forward). Methods that ke
 decode state — recurrent methods (``RecurrentMethod``), and caches that are not the plain growing
 key/value cache, such as H2O's evicting cache — implement ``init_state`` / ``forward_state``
 and decode through that state. Methods of kind ``layer`` own parameters and supply their own
-module (``build_layer``), which this class wraps.
+module (``build_layer``), which this class wraps; so do functional methods whose options ask for
+their trainable layer (``Method.owns_layer``, e.g. ``method="seer", learned=True``).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class Attention(nn.Module):
         self.causal, self.cross, self.rope, self.rope_base = causal, cross, rope, rope_base
         self.user_options = dict(options)
         self.inner = None
-        if self.impl.info.kind == "layer":
+        if self.impl.owns_layer(self.options):
             # layer settings other than the defaults go to the method's layer, never silently dropped
             settings = {name: value for name, value, default in (
                 ("rope", rope, False), ("rope_base", rope_base, 10000.0), ("bias", bias, False),

@@ -1,1 +1,2 @@
-"""Dynamic and approximate sparse attention: MoBA, VMoBA, Kinetics, HiP, H2O and others."""
+"""Dynamic and approximate sparse attention: MoBA, VMoBA, Kinetics, HiP, H2O, SeerAttention, DMA,
+HCAM, Landmark and others."""

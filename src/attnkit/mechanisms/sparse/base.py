@@ -19,6 +19,13 @@ attention. It replaces the method's own budget knob; giving both raises OptionEr
     hip        a query block's chunks in its search range              budget tokens (mask_k)
     vmoba      chunks per query (x S per head, x H*S for scope all)    top_k chunks (top-k mode)
     h2o        the sequence: cache = ceil(density * Lk) tokens          heavy + recent tokens
+    seer       a query block's visible key blocks                      threshold / nz_ratio
+    dma        the keys: window = ceil(density * Lk)                   window (keys per query)
+
+(hcam and landmark, two-level methods outside this base, count a query's eligible chunks /
+past blocks the same way, in place of top_k.) A selection may carry an additive score
+modification (``Selection.score_mod``; DMA's per-key bias), which the engines apply and the
+oracle receives as ``bias``.
 
 Execution cost. The engines visit every (query tile, key tile) pair that any query of the
 tile needs. Per-query selections (MoBA, Kinetics, VMoBA, HiP with ``query_chunk=1``) united over
@@ -152,9 +159,11 @@ class SelectionEngine:
     def _inner_args(self, call: AttentionCall, sel: Selection):
         from ...backends.mask_spec import MaskSpec
 
-        spec = MaskSpec(sel.executed, block=sel.block)
+        spec = MaskSpec(sel.executed, sel.score_mod, tuple(sel.mod_tensors), block=sel.block)
         if sel.order is None:
             return call, spec
+        if sel.score_mod is not None:
+            raise NotImplementedError("a permuted selection with a score modification is not supported")
         order_q, order_k = sel.order
         q = _permute(call.query, order_q)
         k, v = call.key, call.value
@@ -208,9 +217,11 @@ class DynamicMethod(PatternMethod):
         return self.select(call).pattern
 
     def oracle_inputs(self, call: AttentionCall):
-        return self.select(call).mask(), None
+        sel = self.select(call)
+        return sel.mask(), sel.bias()
 
     def selection(self, call: AttentionCall, pattern: Pattern, **fields) -> Selection:
-        """A Selection of ``pattern`` for ``call`` (``fields``: run_pattern, order, details)."""
+        """A Selection of ``pattern`` for ``call`` (``fields``: run_pattern, order, details,
+        score_mod, mod_tensors)."""
         return Selection(self.info.name, pattern, call.batch, call.heads, call.q_len, call.k_len,
                          call.is_causal, call.options.get("block_size") or 128, call.device, **fields)
