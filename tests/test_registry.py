@@ -178,7 +178,7 @@ def test_decode_equals_forward(name):
         pytest.skip("decode is for causal self-attention")
     torch.manual_seed(0)
     opts = sample(name, 3, 19, 19, heads=4, kv_heads=2, head_dim=8)
-    layer = ak.nn.Attention(32, 4, kv_heads=2, method=name, causal=True, rope=takes_rope(name), **opts).double()
+    layer = ak.nn.Attention(32, 4, kv_heads=2, method=name, causal=True, rope=takes_rope(name, **opts), **opts).double()
     x = torch.randn(2, 19, 32, dtype=torch.float64)
     full = layer(x)
     cache = layer.init_cache(2)

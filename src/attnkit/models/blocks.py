@@ -8,15 +8,17 @@ import torch
 from torch import nn
 
 from ..nn import Attention
-from ..registry import method_info
+from ..registry import get_method
 
 
-def takes_rope(method: str) -> bool:
-    """Rotary positions apply to methods on ak.nn.Attention's projections; layer methods with their
-    own position handling (RAT's chunk RoPE, convolutions, recurrences) take them only if they
-    declare it in ``MethodInfo.layer_settings``."""
-    info = method_info(method)
-    return info.kind != "layer" or "rope" in info.layer_settings
+def takes_rope(method: str, **options) -> bool:
+    """Rotary positions apply to methods on ak.nn.Attention's projections; methods that build their
+    own layer (kind ``layer``, or ``owns_layer`` for these options, e.g. ``learned=True``) with their
+    own position handling take them only if they declare it in ``MethodInfo.layer_settings``."""
+    impl = get_method(method)
+    if not impl.owns_layer(impl.info.options.validate(options, method)):
+        return True
+    return "rope" in impl.info.layer_settings
 
 
 class MLP(nn.Module):
@@ -38,7 +40,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, kv_heads=kv_heads, method=method, causal=causal,
-                              rope=rope and takes_rope(method), **options)
+                              rope=rope and takes_rope(method, **options), **options)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_mult)
 
