@@ -17,7 +17,7 @@ overlap or touch, so the keys seen by an interval of queries form one interval.
 ``reference_rule`` evaluates this readably (coordinates from the index by ``//`` and ``%``).
 
 **The rule as table lookups.** ``rule`` (what the engines and FlexAttention's ``mask_mod`` run)
-reads per-token int32 tables built once per configuration: along dimension ``d`` each key gets
+reads per-token int32 tables (one ``(rows, L)`` tensor) built once per configuration: along dimension ``d`` each key gets
 the code ``c_d = (y_d % dil_d) * m_d + y_d // dil_d`` (``m_d = ceil(n_d / dil_d)``, so each dilation
 group owns the codes ``[g m_d, g m_d + m_d)``), and each query, per term, the code interval
 ``[lo_d, hi_d]`` of its visible keys: its group's offset plus its window clamped to the group.
@@ -317,16 +317,22 @@ class GridPattern(Pattern):
 
 
 def table_rule(q, k, tables: dict) -> torch.Tensor:
-    """Visibility from the per-token tables (module doc): ``key (D, L)``, ``low`` and
-    ``high (T, D, L)`` int32; OR over terms of the AND over dimensions of
-    ``low[t, d, q] <= key[d, k] <= high[t, d, q]``."""
-    key, low, high = tables["key"], tables["low"], tables["high"]
+    """Visibility from the per-token tables (module doc): ``tables["codes"]`` is int32
+    ``(D + 2 T D, L)``: row ``d`` the key codes along dimension ``d``, rows ``D + 2 (t D + d)`` and
+    the next the query intervals' low and high ends of term ``t``; ``tables["layout"]`` is the
+    string ``"TxD"``, a constant of a compiled kernel (so the number of terms and dimensions is
+    structure, not a tensor size). OR over terms of the AND over dimensions of
+    ``low[q] <= key[k] <= high[q]``. One stacked tensor, not one per row: FlexAttention's CPU
+    template fails to compile several captured buffers of dynamic size (torch 2.13)."""
+    codes = tables["codes"]
+    terms, dims = (int(x) for x in tables["layout"].split("x"))
     out = None
-    for t in range(low.shape[0]):  # terms and dimensions are shapes, not values
+    for t in range(terms):
         term = None
-        for d in range(key.shape[0]):
-            code = key[d][k]
-            seen = (code >= low[t, d][q]) & (code <= high[t, d][q])
+        for d in range(dims):
+            code = codes[d][k]
+            row = dims + 2 * (t * dims + d)
+            seen = (code >= codes[row][q]) & (code <= codes[row + 1][q])
             term = seen if term is None else term & seen
         out = term if out is None else out | term
     return out
@@ -339,27 +345,24 @@ def grid_coords(grid: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([(idx // pitch[d]) % n for d, n in enumerate(grid)])
 
 
-def grid_tables(pattern: GridPattern, p: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The per-token tables of ``pattern`` (module doc) from its ``settings`` ``p``."""
+def grid_tables(pattern: GridPattern, p: dict[str, Any]) -> dict[str, Any]:
+    """The per-token tables of ``pattern`` (see ``table_rule``) from its ``settings`` ``p``."""
     coords = grid_coords(pattern.grid)
-    keys, lows, highs = [], [], []
+    D, T = pattern.rank, pattern.terms
+    rows: list = [None] * (D + 2 * T * D)
     for d, n in enumerate(pattern.grid):
         dil = int(p["dilation"][d])
         m = -(-n // dil)
         x = torch.arange(n)
         g, u = x % dil, x // dil
         n_g = (n - g + dil - 1) // dil
-        keys.append((g * m + u)[coords[d]])
-        low_d, high_d = [], []
-        for t in range(pattern.terms):
+        rows[d] = (g * m + u)[coords[d]]
+        for t in range(T):
             lo, hi = (torch.broadcast_to(torch.as_tensor(v), (n,)) for v in pattern.axis_bounds(t, d, u, n_g, p))
             lo, hi = torch.clamp(lo, min=0), torch.minimum(hi, n_g - 1)
-            low_d.append((g * m + lo)[coords[d]])
-            high_d.append((g * m + hi)[coords[d]])
-        lows.append(torch.stack(low_d))
-        highs.append(torch.stack(high_d))
-    as32 = lambda x: x.to(torch.int32).contiguous()  # noqa: E731
-    return {"key": as32(torch.stack(keys)), "low": as32(torch.stack(lows, 1)), "high": as32(torch.stack(highs, 1))}
+            rows[D + 2 * (t * D + d)] = (g * m + lo)[coords[d]]
+            rows[D + 2 * (t * D + d) + 1] = (g * m + hi)[coords[d]]
+    return {"codes": torch.stack(rows).to(torch.int32).contiguous(), "layout": f"{T}x{D}"}
 
 
 def block_boxes(length: int, block: int, grid: tuple[int, ...]):

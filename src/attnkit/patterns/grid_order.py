@@ -154,9 +154,7 @@ class TiledGrid(Pattern):
         if hit is None:
             tables = self.base.params(q_len, k_len)["tables"]
             order = self.order
-            hit = {"tables": {"key": tables["key"][:, order].contiguous(),
-                              "low": tables["low"][..., order].contiguous(),
-                              "high": tables["high"][..., order].contiguous()}}
+            hit = {"tables": {"codes": tables["codes"][:, order].contiguous(), "layout": tables["layout"]}}
             if key[0] is not None:
                 _remember(_TABLES, key, hit)
         return dict(hit)
