@@ -3,7 +3,9 @@
 For each case (sliding window +-256 and +-1024, 2-D and 3-D neighborhood, radial), in ONE run:
 forward and forward+backward milliseconds of
 
-- ``ak.attend(..., method=NAME, backend="flex")`` (block mask from the analytic block plan),
+- ``ak.attend(..., method=NAME, backend="flex")`` (block mask from the analytic block plan; grid
+  patterns run in their tiled token order, the gathers of q, k, v and of the output included; the
+  kernel alone on already-reordered tokens is ``fwd_kernel_ms``),
 - plain FlexAttention: ``torch.compile(flex_attention)`` with ``create_block_mask`` over the same
   rule as ``mask_mod`` (the block mask built by evaluating the rule on the whole L x L grid),
 - dense SDPA with the cuDNN kernel and with the flash kernel (no mask; the same for every case),
@@ -18,7 +20,16 @@ Timing: ``triton.testing.do_bench`` median (else CUDA events, median), warm-up a
 (compiling) call excluded, inputs rotated over several copies so no call reuses the previous
 one's cache lines.
 
-GPU (torch 2.11 + Triton 3.6, one H100/H200, ~5 minutes at the defaults):
+``--sweep`` then times, for each case and in the same run, the flex engine under a small grid of
+settings (FlexAttention ``kernel_options``, ``kv_block``, token tiling off; see ``SWEEP``), forward
+and, for a few, forward+backward, each setting its own compiled kernel; results under
+``sweep`` in the JSON and a second table in the Markdown. Every setting is checked against the
+default setting's output (``max_abs_diff``). ``--budget-s`` bounds the whole run: no new case or
+setting starts after it.
+
+GPU (torch 2.11 + Triton 3.6, one H100/H200, under 6 minutes):
+    PYTHONPATH=src python scripts/gpu/bench_patterns.py --no-plain-flex --sweep --budget-s 300 --out results/bench_patterns
+or without the sweep (~3 minutes, with the plain FlexAttention baseline):
     PYTHONPATH=src python scripts/gpu/bench_patterns.py --out results/bench_patterns
 CPU smoke run (tiny sizes, forward only; flex has no backward on CPU):
     PYTHONPATH=src python scripts/gpu/bench_patterns.py --device cpu --tiny --out /tmp/bench_patterns
@@ -30,6 +41,7 @@ Writes ``bench_patterns.json`` and ``bench_patterns.md`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -40,6 +52,10 @@ import torch
 
 import attnkit as ak
 from attnkit.backends.flex_inputs import as_tensor, build_blocks, map_leaves
+from attnkit.call import AttentionCall
+from attnkit.mechanisms.pattern_method import MASK_ENGINES
+
+FLEX = next(e for e in MASK_ENGINES if e.name == "flex")
 
 BLOCK = 128
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -185,11 +201,18 @@ def run_case(name, method, options, args, dense, rot_f, rot_b) -> dict:
         return {"case": name, "method": method, "options": options, "skipped": f"{type(err).__name__}: {err}"}
     pattern = spec.pattern
     row: dict = {"case": name, "method": method, "options": options, "pattern": pattern.describe()}
+    call = AttentionCall.build(q0, q0, q0)
+    layout = FLEX.layout(call, spec)
+    row["layout"] = layout.note
+    row["tiles"] = "x".join(map(str, layout.pattern.tile)) if layout.reordered else "row-major"
     times = []
     for _ in range(5):
+        fresh = copy.copy(layout.pattern)
+        if hasattr(fresh, "_plans"):  # a tiled grid caches its plans: time a fresh one
+            fresh._plans = {}
         sync(device)
         t0 = time.perf_counter()
-        blocks = build_blocks(pattern, L, L, BLOCK, device)
+        blocks = build_blocks(fresh, L, L, BLOCK, device)
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     row["block_mask_ms"] = statistics.median(times)
@@ -204,6 +227,12 @@ def run_case(name, method, options, args, dense, rot_f, rot_b) -> dict:
     row["fwd_ms"] = bench_ms(forward(ours, rot_f), device, args.reps)
     row["compile_fwd_s"] = max(0.0, row["compile_fwd_s"] - row["fwd_ms"] / 1e3)
     row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+    if layout.reordered:  # the kernel alone, on tokens already in the tiled order
+        def kernel(q, k, v):
+            return ak.attend(q, k, v, pattern=layout.pattern, backend="flex")
+
+        first_call_s(forward(kernel, rot_f), device)
+        row["fwd_kernel_ms"] = bench_ms(forward(kernel, rot_f), device, args.reps)
     ref = dense.get("fwd_ms")
     if ref:
         row["fwd_speedup"] = ref / row["fwd_ms"]
@@ -223,7 +252,82 @@ def run_case(name, method, options, args, dense, rot_f, rot_b) -> dict:
             plain_baseline(row, ours, pattern, args, rot_f, rot_b)
         except Exception as err:  # noqa: BLE001 - record it; the other numbers stand
             row["plain_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    if args.sweep:
+        row["sweep"] = sweep_case(name, method, options, args, dense, rot_f, rot_b)
     return row
+
+
+# -- settings sweep ------------------------------------------------------------------------
+# name -> (FlexEngine settings, which case kinds, also forward+backward). Forward+backward only
+# where the backward pass can run (kv_block 64 cannot: FlexAttention's sm90 backward tiles).
+SWEEP = {
+    "untiled": ({"token_tiling": False}, ("grid",), True),
+    "kv64": ({"kv_block": 64}, ("grid", "window"), False),
+    "bn128_s2": ({"kernel_options": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}},
+                 ("window", "grid", "tiles"), False),
+    "prescale_safe": ({"kernel_options": {"PRESCALE_QK": True, "ROWS_GUARANTEED_SAFE": True}},
+                      ("window", "grid", "tiles"), True),
+    "tma": ({"kernel_options": {"USE_TMA": True}}, ("window", "grid", "tiles"), False),
+    "bn64_s4": ({"kernel_options": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4}},
+                ("window", "grid"), False),
+    "bm64_w4": ({"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
+                ("window", "grid"), False),
+    "bwd_64": ({"kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                                   "bwd_num_warps": 4, "bwd_num_stages": 3}}, ("window", "grid"), True),
+}
+
+
+def case_kind(method: str) -> str:
+    """Which sweep settings apply: ``window`` (1-D windows), ``grid`` (grid patterns: token
+    order and key blocks matter), ``tiles`` (patterns defined on whole tiles, e.g. radial)."""
+    return {"sliding_window": "window", "neighborhood": "grid", "halo": "grid",
+            "divided_space_time": "grid"}.get(method, "tiles")
+
+
+def sweep_case(name, method, options, args, dense, rot_f, rot_b) -> list[dict]:
+    """The flex engine under each SWEEP setting that applies to the case (same inputs, same run)."""
+    kind = case_kind(method)
+    chosen = args.sweep_settings or [n for n, (_, kinds, _) in SWEEP.items() if kind in kinds]
+    q, k, v = rot_f.sets[0]
+
+    def ours(q, k, v):
+        return ak.attend(q, k, v, method=method, backend="flex", **options)
+
+    with torch.no_grad():
+        reference = ours(q, k, v).float()
+    rows = []
+    for setting in chosen:
+        settings, _, backward = SWEEP[setting]
+        if time.perf_counter() - args.t_start > args.budget_s:
+            rows.append({"setting": setting, "skipped": "time budget spent"})
+            continue
+        row: dict = {"setting": setting, "settings": settings}
+        try:
+            with FLEX.tuned(**settings):
+                call = AttentionCall.build(q, k, v)
+                spec = ak.explain(q, k, v, method=method, backend="flex", **options).plan
+                row["tile_density"] = FLEX.blocks(call, spec).tile_density
+                row["layout"] = FLEX.layout(call, spec).note
+                with torch.no_grad():
+                    row["max_abs_diff"] = float((ours(q, k, v).float() - reference).abs().max())
+                row["fwd_ms"] = bench_ms(forward(ours, rot_f), args.device, args.reps)
+                if dense.get("fwd_ms"):
+                    row["fwd_merit"] = dense["fwd_ms"] / row["fwd_ms"] * row["tile_density"]
+                if backward and rot_b is not None:
+                    first_call_s(forward_backward(ours, rot_b), args.device)
+                    row["fwdbwd_ms"] = bench_ms(forward_backward(ours, rot_b), args.device, args.reps)
+                    if dense.get("fwdbwd_ms"):
+                        row["fwdbwd_merit"] = dense["fwdbwd_ms"] / row["fwdbwd_ms"] * row["tile_density"]
+        except Exception as err:  # noqa: BLE001 - a setting that cannot compile is a result too
+            row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:240] if str(err).strip() else ''}"
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        print(f"  {name} / {setting}: " + ", ".join(f"{key} {row[key]:.4g}" if isinstance(row[key], float) else
+                                                   f"{key} {row[key]}" for key in
+                                                   ("fwd_ms", "fwd_merit", "fwdbwd_ms", "error") if key in row),
+              flush=True)
+        rows.append(row)
+    return rows
 
 
 def plain_baseline(row, ours, pattern, args, rot_f, rot_b) -> None:
@@ -290,22 +394,36 @@ def markdown(result: dict) -> str:
         else:
             lines.append(f"| {name} | {fmt(row.get('fwd_ms'))} | {fmt(row.get('fwdbwd_ms'))} | "
                          f"{fmt(row.get('fwd_tflops'))} | {fmt(row.get('fwdbwd_tflops'))} |")
-    lines += ["", "| case | pairs | tiles | fwd ms | fwd TFLOP/s | fwd speedup | fwd merit | fwd+bwd ms | "
-              "fwd+bwd TFLOP/s | fwd+bwd speedup | fwd+bwd merit | plain flex fwd / fwd+bwd ms | "
+    lines += ["", "| case | order | pairs | tiles | fwd ms | fwd kernel ms | fwd TFLOP/s | fwd speedup | fwd merit | "
+              "fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd speedup | fwd+bwd merit | plain flex fwd / fwd+bwd ms | "
               "block mask ms (ours / plain) | compile s (fwd / fwd+bwd) | max abs diff vs plain |",
-              "|" + "---|" * 15]
+              "|" + "---|" * 17]
     for row in result["cases"]:
         if "skipped" in row:
-            lines.append(f"| {row['case']} | skipped: {row['skipped'][:120]} |" + " |" * 13)
+            lines.append(f"| {row['case']} | skipped: {row['skipped'][:120]} |" + " |" * 15)
             continue
         lines.append(
-            f"| {row['case']} | {fmt(row['pair_density'])} | {fmt(row['tile_density'])} | {fmt(row['fwd_ms'])} | "
+            f"| {row['case']} | {row.get('tiles', '')} | {fmt(row['pair_density'])} | {fmt(row['tile_density'])} | "
+            f"{fmt(row['fwd_ms'])} | {fmt(row.get('fwd_kernel_ms'))} | "
             f"{fmt(row['fwd_tflops'])} | {fmt(row.get('fwd_speedup'))} | {fmt(row.get('fwd_merit'), 2)} | "
             f"{fmt(row.get('fwdbwd_ms'))} | {fmt(row.get('fwdbwd_tflops'))} | {fmt(row.get('fwdbwd_speedup'))} | "
             f"{fmt(row.get('fwdbwd_merit'), 2)} | {fmt(row.get('plain_fwd_ms'))} / {fmt(row.get('plain_fwdbwd_ms'))} | "
             f"{fmt(row['block_mask_ms'])} / {fmt(row.get('plain_block_mask_ms'))} | "
             f"{fmt(row['compile_fwd_s'], 2)} / {fmt(row.get('compile_fwdbwd_s'), 2)} | "
             f"{fmt(row.get('max_abs_diff_vs_plain'), 2)} |")
+    sweeps = [(row["case"], s) for row in result["cases"] for s in row.get("sweep", [])]
+    if sweeps:
+        lines += ["", "Sweep (flex engine settings; merit against the same dense reference; default = the table "
+                  "above):", "", "| case | setting | tiles | fwd ms | fwd merit | fwd+bwd ms | fwd+bwd merit | "
+                  "max abs diff vs default | note |", "|" + "---|" * 9]
+        for case, s in sweeps:
+            note = s.get("error") or s.get("skipped") or ""
+            lines.append(f"| {case} | {s['setting']} | {fmt(s.get('tile_density'))} | {fmt(s.get('fwd_ms'))} | "
+                         f"{fmt(s.get('fwd_merit'), 2)} | {fmt(s.get('fwdbwd_ms'))} | {fmt(s.get('fwdbwd_merit'), 2)} | "
+                         f"{fmt(s.get('max_abs_diff'), 2)} | {note[:120]} |")
+    for row in result["cases"]:
+        if row.get("layout"):
+            lines.append(f"\n- {row['case']}: {row['layout']}")
     for note in result["notes"]:
         lines.append(f"\n- {note}")
     for row in result["cases"]:
@@ -348,13 +466,20 @@ def parse_args(argv=None):
     ap.add_argument("--sets", type=int, default=3, help="rotated input copies")
     ap.add_argument("--reps", type=int, default=20, help="timed calls when do_bench is not used")
     ap.add_argument("--budget-s", type=float, default=270.0,
-                    help="start no new case after this many seconds (the run stays under ~6 min on one H100)")
+                    help="start no new case or sweep setting after this many seconds (the run stays under ~6 min "
+                         "on one H100)")
+    ap.add_argument("--sweep", action="store_true", help="also time the flex engine under the SWEEP settings")
+    ap.add_argument("--sweep-settings", nargs="*", default=None,
+                    help=f"sweep only these settings (default: those that apply to each case); one of {sorted(SWEEP)}")
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
     args.L = args.L or (512 if args.tiny else 32768)
     args.H = args.H or (2 if args.tiny else 16)
     args.D = args.D or (16 if args.tiny else 128)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    unknown = [n for n in args.sweep_settings or [] if n not in SWEEP]
+    if unknown:
+        raise SystemExit(f"--sweep-settings: unknown {unknown}; settings are {sorted(SWEEP)}")
     return args
 
 
@@ -392,7 +517,7 @@ def main(argv=None) -> dict:
 
 
 def run_all(args, env: dict, cases: dict, chosen: list[str]) -> dict:
-    t_start = time.perf_counter()
+    t_start = args.t_start = time.perf_counter()
     dtype = DTYPES[args.dtype]
     backward = not args.no_backward and args.device == "cuda"
     notes = []

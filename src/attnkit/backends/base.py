@@ -17,7 +17,8 @@ from ..errors import BackendUnavailableError, did_you_mean
 
 @dataclass(frozen=True)
 class Explanation:
-    """Which backend runs a call, and why each other one does not."""
+    """Which backend runs a call, and why each other one does not; ``details`` says how the
+    chosen engine runs it, when the engine can tell (``describe(call, plan)``)."""
 
     method: str
     pattern: str
@@ -25,12 +26,21 @@ class Explanation:
     requested: str
     candidates: tuple[tuple[str, str | None], ...] = field(default_factory=tuple)
     plan: Any = None
+    engine: Any = field(default=None, repr=False, compare=False)
+    call: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def details(self) -> str | None:
+        describe = getattr(self.engine, "describe", None)
+        return describe(self.call, self.plan) if describe is not None else None
 
     def __str__(self) -> str:
         lines = [f"method {self.method!r} ({self.pattern}), backend={self.requested!r} -> "
                  f"{self.backend or 'nothing can run it'}"]
         for name, reason in self.candidates:
             mark = "chosen" if name == self.backend else (reason or "can run (not chosen)")
+            if name == self.backend and self.details:
+                mark += f": {self.details}"
             lines.append(f"  {name}: {mark}")
         return "\n".join(lines)
 
@@ -57,7 +67,7 @@ def select(method_name: str, pattern: str, engines: Sequence[Any], call: Any, pl
             chosen = engine
         candidates.append((engine.name, reason))
     why = Explanation(method_name, pattern, chosen.name if chosen else None, backend,
-                      tuple(candidates), plan)
+                      tuple(candidates), plan, chosen, call)
     return chosen, why
 
 

@@ -7,11 +7,15 @@ backward pass recomputes the tiles from the saved log-sum-exp instead of storing
 memory stays ``O(L x window)`` for a window pattern and no ``Lq x Lk`` tensor is ever built.
 Score modifications (relative bias, softcap...) are differentiated, tensors included, by
 re-running them under autograd inside the backward pass.
+
+A self-attention pattern that offers a token order (grid patterns' tiles) runs in it: q, k, v are
+gathered into the order and the output gathered back (:mod:`attnkit.backends.reorder`), so the
+tiles visited are compact boxes of the grid (``token_tiling = False`` keeps the call's order).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,6 +24,7 @@ from ..call import AttentionCall
 from ..patterns.base import _to_device
 from ..patterns.plan import cdiv
 from .mask_spec import MaskSpec
+from .reorder import Layout, Layouts, reorder
 
 # elements of one (q-chunk x tile-chunk) score tensor; several such tensors live at once
 SCORE_BUDGET = 1 << 22
@@ -280,6 +285,18 @@ def blocksparse_attention(call: AttentionCall, spec: MaskSpec) -> torch.Tensor:
 
 class BlockSparseEngine:
     name = "blocksparse"
+    token_tiling = True
+
+    def __init__(self):
+        self._layouts = Layouts()
+
+    def layout(self, call: AttentionCall, spec: MaskSpec) -> Layout:
+        block = (min(spec.block, call.q_len), min(spec.block, call.k_len))
+        return self._layouts.get(call, spec, block, self.token_tiling)
+
+    def describe(self, call: AttentionCall, spec: MaskSpec) -> str:
+        layout = self.layout(call, spec)
+        return f"tiles of {layout.pattern.describe()}: {layout.note}"
 
     def can_run(self, call: AttentionCall, spec: MaskSpec) -> str | None:
         if call.dropout_p > 0:
@@ -289,4 +306,9 @@ class BlockSparseEngine:
         return None
 
     def run(self, call: AttentionCall, spec: MaskSpec) -> torch.Tensor:
-        return blocksparse_attention(call, spec)
+        layout = self.layout(call, spec)
+        if not layout.reordered:
+            return blocksparse_attention(call, spec)
+        q, k, v = (reorder(t, layout.index, layout.inverse) for t in (call.query, call.key, call.value))
+        out = blocksparse_attention(replace(call, query=q, key=k, value=v), replace(spec, pattern=layout.pattern))
+        return reorder(out, layout.inverse, layout.index)

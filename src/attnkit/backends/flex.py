@@ -30,6 +30,18 @@ a rule or score_mod reading a configuration number as a Python constant — rais
 sets their normalizer to 1 and their log-sum-exp to -inf, whose backward gives 0 gradients).
 On CPU (torch <= 2.13) FlexAttention is forward-only and compiles for ~25 s, so auto selection
 skips it there; on CUDA it is the first mask engine.
+
+Token order: a self-attention pattern may offer a tiled order (grid patterns: every block of 128
+tokens a compact box of the grid, :mod:`attnkit.patterns.grid_order`); the engine then gathers
+q, k, v into it, runs the reordered pattern and gathers the output back
+(:mod:`attnkit.backends.reorder`; the gathers are part of the call). ``describe(call, spec)`` (and
+``ak.explain(...).details``) says which order and block mask a call runs with.
+
+Settings (performance only, :mod:`attnkit.backends.flex_tuning`): ``kernel_options`` (FlexAttention's
+Triton knobs), ``kv_block`` (key-side sparse block), ``token_tiling``; set them with
+``configure(...)`` or temporarily with ``with engine.tuned(...):``. Python work per call is a few
+dictionary lookups: parameters, token orders and block masks are cached per (pattern
+configuration, lengths, blocks, device).
 """
 
 from __future__ import annotations
@@ -38,17 +50,20 @@ import math
 import time
 import types
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from ..call import AttentionCall
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, OptionError
 from ..patterns.base import Pattern
 from .flex_inputs import (FlexBlocks, as_tensor, build_blocks, family_key, leaves, map_leaves, probe_rule,
-                          static_key, value_key)
+                          rows_see_a_key, static_key, value_key)
+from .flex_tuning import check_kernel_options, check_kv_block, default_kernel_options
 from .mask_spec import MaskSpec
+from .reorder import Layout, Layouts, reorder
 
 CACHE_ENTRIES = 64  # parameter tensors and block masks kept per engine (LRU)
 CUDA_BLOCK_MULTIPLE = 128  # flex's Triton tiles must divide the sparse block
@@ -60,10 +75,10 @@ class _RanEagerly(RuntimeError):
 
 
 def _flex_kernel(q, k, v, blocks, pattern, params, batch_rule, head_rule, attn_mask, ratio,
-                 score_mod, mod_tensors, gqa, block):
-    """The function compiled per variant. Python arguments (pattern, flags, score_mod) are
-    constants of the variant; tensors (q, k, v, blocks, params, attn_mask, ratio, mod_tensors)
-    are graph inputs."""
+                 score_mod, mod_tensors, gqa, block, kernel_options):
+    """The function compiled per variant. Python arguments (pattern, flags, score_mod, the block
+    pair, kernel options as ``(name, value)`` pairs) are constants of the variant; tensors (q, k,
+    v, blocks, params, attn_mask, ratio, mod_tensors) are graph inputs."""
     if not torch.compiler.is_compiling():
         raise _RanEagerly()
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -102,9 +117,9 @@ def _flex_kernel(q, k, v, blocks, pattern, params, batch_rule, head_rule, attn_m
     block_mask = BlockMask(
         seq_lengths=(q_len, k_len), kv_num_blocks=kv_num, kv_indices=kv_idx,
         full_kv_num_blocks=fkv_num, full_kv_indices=fkv_idx, q_num_blocks=q_num, q_indices=q_idx,
-        full_q_num_blocks=fq_num, full_q_indices=fq_idx, BLOCK_SIZE=(block, block), mask_mod=mask_mod)
+        full_q_num_blocks=fq_num, full_q_indices=fq_idx, BLOCK_SIZE=block, mask_mod=mask_mod)
     return flex_attention(q, k, v, score_mod=full_score_mod if modded else None, block_mask=block_mask,
-                          enable_gqa=gqa)
+                          enable_gqa=gqa, kernel_options=dict(kernel_options) if kernel_options else None)
 
 
 class _Variant:
@@ -202,15 +217,62 @@ class FlexEngine:
     """FlexAttention over a pattern's block plan (see the module docstring).
 
     ``strict`` (default True) raises when a variant would recompile at input shapes it already ran.
-    ``stats()`` lists the compiled variants with their compile counts and seconds."""
+    ``kernel_options`` (None: ``default_kernel_options``), ``kv_block`` and ``token_tiling`` are
+    performance settings (module doc). ``stats()`` lists the compiled variants with their compile
+    counts and seconds."""
 
     name: str = "flex"
     compiles: bool = True  # compile-heavy: generic CPU tests skip it (tests/helpers.py)
     strict: bool = True
+    kernel_options: dict | None = None
+    kv_block: int | None = None
+    token_tiling: bool = True
     _variants: dict = field(default_factory=dict, repr=False)
     _params: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _blocks: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _probes: dict = field(default_factory=dict, repr=False)
+    _layouts: Layouts = field(default_factory=Layouts, repr=False)
+    _safe_rows: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    def __post_init__(self):
+        self.configure(kernel_options=self.kernel_options, kv_block=self.kv_block, token_tiling=self.token_tiling)
+
+    # -- settings -----------------------------------------------------------------------
+    def configure(self, **settings) -> None:
+        """Set ``kernel_options``, ``kv_block`` and / or ``token_tiling`` (checked; OptionError)."""
+        unknown = set(settings) - {"kernel_options", "kv_block", "token_tiling"}
+        if unknown:
+            raise OptionError(f"FlexEngine.configure: unknown setting(s) {sorted(unknown)}; the settings are "
+                              "kernel_options, kv_block, token_tiling.")
+        if "kernel_options" in settings:
+            check_kernel_options(settings["kernel_options"])
+            options = settings["kernel_options"]
+            self.kernel_options = None if options is None else dict(options)
+        if "kv_block" in settings:
+            self.kv_block = check_kv_block(settings["kv_block"])
+        if "token_tiling" in settings:
+            if not isinstance(settings["token_tiling"], bool):
+                raise OptionError(f"FlexEngine token_tiling={settings['token_tiling']!r} must be True or False.")
+            self.token_tiling = settings["token_tiling"]
+
+    @contextmanager
+    def tuned(self, **settings):
+        """``with engine.tuned(kernel_options={...}, kv_block=64):`` — settings for the block only."""
+        before = {"kernel_options": self.kernel_options, "kv_block": self.kv_block, "token_tiling": self.token_tiling}
+        self.configure(**settings)
+        try:
+            yield self
+        finally:
+            self.configure(**before)
+
+    def _kernel_options(self, call: AttentionCall) -> tuple:
+        options = self.kernel_options
+        if options is None:
+            options = default_kernel_options(call.device.type, call.dtype, call.head_dim)
+        return check_kernel_options(options)
+
+    def _block_pair(self, spec: MaskSpec) -> tuple[int, int]:
+        return spec.block, self.kv_block or spec.block
 
     # -- selection ----------------------------------------------------------------------
     def can_run(self, call: AttentionCall, spec: MaskSpec) -> str | None:
@@ -231,6 +293,10 @@ class FlexEngine:
             if spec.block % CUDA_BLOCK_MULTIPLE:
                 return (f"block_size={spec.block}: FlexAttention's CUDA tiles need a multiple of "
                         f"{CUDA_BLOCK_MULTIPLE} (e.g. block_size=128)")
+            if self.kv_block is not None and self.kv_block < CUDA_BLOCK_MULTIPLE and _needs_grad(call, spec):
+                return (f"kv_block={self.kv_block}: FlexAttention's backward pass needs key blocks that its "
+                        f"default tiles (BLOCK_N1 = {CUDA_BLOCK_MULTIPLE} on sm90) divide; set kv_block=None "
+                        "for training")
         if call.dtype == torch.float64:
             return ("float64: FlexAttention accumulates in float32, below float64 accuracy "
                     "(use backend='blocksparse' or 'dense')")
@@ -241,7 +307,28 @@ class FlexEngine:
             return "FlexAttention has no attention dropout (dropout_p > 0); use backend='dense'"
         if call.attn_mask is not None and call.attn_mask.requires_grad:
             return "attn_mask requires grad, which the flex engine does not differentiate (use backend='dense')"
-        return self._probe(spec.pattern, call.q_len, call.k_len)
+        if spec.block % self._block_pair(spec)[1]:
+            return f"kv_block={self.kv_block} must divide the query block {spec.block}"
+        why = self._probe(spec.pattern, call.q_len, call.k_len)
+        if why is None and dict(self._kernel_options(call)).get("ROWS_GUARANTEED_SAFE"):
+            why = self._rows_unsafe(call, spec)
+        return why
+
+    def _rows_unsafe(self, call: AttentionCall, spec: MaskSpec) -> str | None:
+        """Why ROWS_GUARANTEED_SAFE cannot be promised for this call (None: every row sees a key)."""
+        if call.attn_mask is not None:
+            return "kernel option ROWS_GUARANTEED_SAFE: the call's attn_mask may empty rows; drop the option"
+        pattern = spec.pattern
+        raw = pattern.params(call.q_len, call.k_len)
+        key = (family_key(pattern), pattern.describe(), value_key(leaves(raw)), call.q_len, call.k_len)
+        if key not in self._safe_rows:
+            self._safe_rows[key] = (rows_see_a_key(pattern, call.q_len, call.k_len), raw)
+            if len(self._safe_rows) > CACHE_ENTRIES:
+                self._safe_rows.popitem(last=False)
+        if self._safe_rows[key][0]:
+            return None
+        return (f"kernel option ROWS_GUARANTEED_SAFE: pattern {pattern.describe()} may leave a query row without "
+                "keys here (its diagonal is not all visible and some query block has no full tile); drop the option")
 
     def auto_skip(self, call: AttentionCall, spec: MaskSpec) -> str | None:
         if call.device.type == "cpu":
@@ -257,28 +344,49 @@ class FlexEngine:
         return self._probes[key]
 
     # -- execution ----------------------------------------------------------------------
+    def layout(self, call: AttentionCall, spec: MaskSpec) -> Layout:
+        """The token order and pattern this call runs with (cached)."""
+        return self._layouts.get(call, spec, self._block_pair(spec), self.token_tiling)
+
+    def describe(self, call: AttentionCall, spec: MaskSpec) -> str:
+        """How this call runs: token order, block mask, kernel options."""
+        layout = self.layout(call, spec)
+        bq, bk = self._block_pair(spec)
+        options = dict(self._kernel_options(call))
+        return (f"FlexAttention over {layout.pattern.describe()}: {layout.note}; block mask {bq}x{bk}; "
+                f"kernel options {options or 'FlexAttention defaults'}")
+
     def run(self, call: AttentionCall, spec: MaskSpec) -> torch.Tensor:
-        pattern = spec.pattern
-        pattern.check_heads(call.batch, call.heads)
+        spec.pattern.check_heads(call.batch, call.heads)
+        layout = self.layout(call, spec)
+        if not layout.reordered:
+            return self._run(call, spec, layout.pattern)
+        q, k, v = (reorder(t, layout.index, layout.inverse) for t in (call.query, call.key, call.value))
+        out = self._run(replace(call, query=q, key=k, value=v), spec, layout.pattern)
+        return reorder(out, layout.inverse, layout.index)
+
+    def _run(self, call: AttentionCall, spec: MaskSpec, pattern: Pattern) -> torch.Tensor:
         raw = pattern.params(call.q_len, call.k_len)
         flat = leaves(raw)
         family, values = family_key(pattern), value_key(flat)
         params, params_shapes = self._device_params((family, values), raw, call.device)
         bool_mask = call.attn_mask is not None and call.attn_mask.dtype == torch.bool
-        blocks = self._cached_blocks(call, spec, (family, pattern.describe(), values), bool_mask, raw)
+        blocks = self._cached_blocks(call, pattern, (family, pattern.describe(), values), bool_mask, raw,
+                                     self._block_pair(spec))
         default_scale = 1.0 / math.sqrt(call.head_dim)
         ratio = None
         if call.scale != default_scale:  # a cached device scalar: no host-to-device copy per call
             ratio_value = call.scale / default_scale
             ratio = self._device_params(("scale", ratio_value), {"r": ratio_value}, call.device,
                                         torch.float32)[0]["r"]
-        variant = self._variant(call, spec, family, static_key(flat), blocks)
+        options = self._kernel_options(call)
+        variant = self._variant(call, spec, family, static_key(flat), blocks, options)
         mods = tuple(spec.mod_tensors)
         shapes = _shapes((call.query, call.key, call.value, call.attn_mask, *mods), params_shapes, blocks)
         try:
             return variant(shapes, call.query, call.key, call.value, blocks.tensors(), pattern, params,
                            pattern.batch is not None, pattern.heads is not None, call.attn_mask, ratio,
-                           spec.score_mod, mods, call.group > 1, blocks.block)
+                           spec.score_mod, mods, call.group > 1, (blocks.block, blocks.block_k), options)
         except _RanEagerly:
             raise BackendUnavailableError(
                 f"the flex kernel for {pattern.describe()} was about to run eagerly (dynamo skipped "
@@ -318,19 +426,19 @@ class FlexEngine:
         return hit[0], hit[1]
 
     def blocks(self, call: AttentionCall, spec: MaskSpec, demote_full: bool = False) -> FlexBlocks:
-        """The block mask for this call (cached by pattern family, parameters and sizes)."""
-        pattern = spec.pattern
+        """The block mask this call runs with, over the layout's token order (cached by pattern
+        family, parameters, sizes and blocks)."""
+        pattern = self.layout(call, spec).pattern
         raw = pattern.params(call.q_len, call.k_len)
         key = (family_key(pattern), pattern.describe(), value_key(leaves(raw)))
-        return self._cached_blocks(call, spec, key, demote_full, raw)
+        return self._cached_blocks(call, pattern, key, demote_full, raw, self._block_pair(spec))
 
-    def _cached_blocks(self, call: AttentionCall, spec: MaskSpec, key: tuple, demote_full: bool,
-                       raw: dict) -> FlexBlocks:
-        key = (key, call.q_len, call.k_len, spec.block, str(call.device), demote_full)
+    def _cached_blocks(self, call: AttentionCall, pattern: Pattern, key: tuple, demote_full: bool,
+                       raw: dict, block: tuple[int, int]) -> FlexBlocks:
+        key = (key, call.q_len, call.k_len, block, str(call.device), demote_full)
         hit = self._blocks.get(key)
         if hit is None:
-            pattern = spec.pattern
-            hit = (build_blocks(pattern, call.q_len, call.k_len, spec.block, call.device, demote_full),
+            hit = (build_blocks(pattern, call.q_len, call.k_len, block, call.device, demote_full),
                    raw)  # raw keeps the tensor ids in the key valid
             self._blocks[key] = hit
             if len(self._blocks) > CACHE_ENTRIES:
@@ -340,7 +448,7 @@ class FlexEngine:
         return hit[0]
 
     def _variant(self, call: AttentionCall, spec: MaskSpec, family: tuple, static: tuple,
-                 blocks: FlexBlocks) -> _Variant:
+                 blocks: FlexBlocks, options: tuple) -> _Variant:
         mask = call.attn_mask
         fn = spec.score_mod
         ones = tuple(n == 1 for n in (call.batch, call.heads, call.kv_heads, call.q_len, call.k_len,
@@ -351,7 +459,7 @@ class FlexEngine:
                call.scale != 1.0 / math.sqrt(call.head_dim),
                None if fn is None else (getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)),
                                         len(spec.mod_tensors)),
-               spec.block, ones, _global_state(call.device))
+               (blocks.block, blocks.block_k), options, ones, _global_state(call.device))
         variant = self._variants.get(key)
         if variant is None:
             variant = self._variants[key] = _Variant(key, len(self._variants), self.strict)

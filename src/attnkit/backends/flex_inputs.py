@@ -138,7 +138,8 @@ def probe_rule(pattern: Pattern, p: dict, q_len: int, k_len: int) -> str | None:
 class FlexBlocks:
     """FlexAttention's block-mask tensors for one plan, all int32 and contiguous:
     ``kv_num / kv_idx`` (partial tiles per query block, shape ``(Bp, Hp, nQ)`` / ``(Bp, Hp, nQ, nK)``),
-    ``full_kv_*`` (full tiles), ``q_num / q_idx`` and ``full_q_*`` (the transposed lists)."""
+    ``full_kv_*`` (full tiles), ``q_num / q_idx`` and ``full_q_*`` (the transposed lists), over
+    query blocks of ``block`` and key blocks of ``block_k`` tokens."""
 
     kv_num: torch.Tensor
     kv_idx: torch.Tensor
@@ -149,6 +150,7 @@ class FlexBlocks:
     full_q_num: torch.Tensor
     full_q_idx: torch.Tensor
     block: int
+    block_k: int
 
     @property
     def shapes(self) -> tuple:
@@ -173,20 +175,37 @@ def _ordered(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return count.contiguous(), index.contiguous()
 
 
-def blocks_from_states(states: torch.Tensor, block: int, demote_full: bool = False) -> FlexBlocks:
-    """Tile states ``(Bp, Hp, nQ, nK)`` (0 empty, 1 partial, 2 full) as FlexAttention lists.
-    ``demote_full`` treats full tiles as partial (the call's bool attn_mask still applies there)."""
+def blocks_from_states(states: torch.Tensor, block: int | tuple[int, int],
+                       demote_full: bool = False) -> FlexBlocks:
+    """Tile states ``(Bp, Hp, nQ, nK)`` (0 empty, 1 partial, 2 full) as FlexAttention lists over
+    blocks ``block`` or ``(block_q, block_k)``. ``demote_full`` treats full tiles as partial (the
+    call's bool attn_mask still applies there)."""
+    block_q, block_k = (block, block) if isinstance(block, int) else block
     partial = (states > EMPTY) if demote_full else (states == PARTIAL)
     full = torch.zeros_like(partial) if demote_full else (states == FULL)
     kv_num, kv_idx = _ordered(partial)
     fkv_num, fkv_idx = _ordered(full)
     q_num, q_idx = _ordered(partial.transpose(-1, -2))
     fq_num, fq_idx = _ordered(full.transpose(-1, -2))
-    return FlexBlocks(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx, block)
+    return FlexBlocks(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx, block_q, block_k)
 
 
-def build_blocks(pattern: Pattern, q_len: int, k_len: int, block: int, device,
+def build_blocks(pattern: Pattern, q_len: int, k_len: int, block: int | tuple[int, int], device,
                  demote_full: bool = False) -> FlexBlocks:
     """The block mask of ``pattern`` at these lengths, from its (analytic) block plan."""
     plan = pattern.block_plan(q_len, k_len, block, device)
     return blocks_from_states(plan.states.to(device), block, demote_full)
+
+
+def rows_see_a_key(pattern: Pattern, q_len: int, k_len: int, block: int = 128) -> bool:
+    """Whether every query row of ``pattern`` sees at least one key, proved cheaply: for
+    self-attention its diagonal is all visible (``O(L)`` rule evaluations), else every query block
+    has a full tile in the plan. False means "not proved"."""
+    if q_len == k_len:
+        b, h, q, _ = pattern.index_grid(q_len, k_len)
+        p = pattern.params(q_len, k_len)
+        diagonal = pattern.rule(b, h, q[..., 0], q[..., 0], p)
+        if bool(diagonal.all()):
+            return True
+    states = pattern.block_plan(q_len, k_len, block).states
+    return bool((states == FULL).any(-1).all())

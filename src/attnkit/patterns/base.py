@@ -50,6 +50,12 @@ class Pattern:
     def check(self, q_len: int, k_len: int) -> None:
         """Raise ShapeError/OptionError when the pattern cannot apply to these lengths."""
 
+    def token_order(self, q_len: int, k_len: int, block: int | tuple[int, int] = 128):
+        """A :class:`~attnkit.patterns.order.TokenOrder` under which this pattern computes fewer
+        tiles of ``block`` tokens (engines gather q, k, v into it, run its pattern and gather the
+        output back), or None to keep the call's order (the default)."""
+        return None
+
     def describe(self) -> str:
         return type(self).__name__
 

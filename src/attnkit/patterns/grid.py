@@ -14,6 +14,17 @@ where ``dil_d`` is the dilation (1 unless the pattern has one) and ``n_g`` the s
 dilation group, ``ceil((n_d - x_d % dil_d) / dil_d)``. Subclasses give ``axis_bounds``; ``lo`` and
 ``hi`` must be nondecreasing in the query coordinate, and the windows of consecutive queries must
 overlap or touch, so the keys seen by an interval of queries form one interval.
+``reference_rule`` evaluates this readably (coordinates from the index by ``//`` and ``%``).
+
+**The rule as table lookups.** ``rule`` (what the engines and FlexAttention's ``mask_mod`` run)
+reads per-token int32 tables (one ``(rows, L)`` tensor) built once per configuration: along dimension ``d`` each key gets
+the code ``c_d = (y_d % dil_d) * m_d + y_d // dil_d`` (``m_d = ceil(n_d / dil_d)``, so each dilation
+group owns the codes ``[g m_d, g m_d + m_d)``), and each query, per term, the code interval
+``[lo_d, hi_d]`` of its visible keys: its group's offset plus its window clamped to the group.
+Then key ``y`` is visible to query ``x`` iff along every dimension ``lo_d[x] <= c_d[y] <= hi_d[x]``
+(OR over terms): three gathers and two int32 compares per dimension, no division. The tables are
+``O(L)`` and cached per configuration (``params`` returns the same tensors for equal
+configurations, so engines' caches keyed by tensor identity hit).
 
 **Block plans, analytically.** A block of consecutive token indices is a union of at most
 ``2^D - 1`` axis-aligned boxes (a partial row, whole rows, a partial row; recursively per
@@ -31,10 +42,14 @@ windows of the block's coordinate bounding box); the others are empty. Cost at m
 ``nQ x nK x (box pairs) x D``, never ``Lq x Lk``. For a union of terms a box pair is non-empty iff
 some term is (exact) and counted full iff some term is full on it: exact for the unions built here
 (``DividedSpaceTime`` proves it), conservative (partial instead of full) in general.
+
+**Tiled token order.** ``token_order`` offers an order in which every run of ``block`` tokens is a
+compact box of the grid (NATTEN/GNA's token permute): see :mod:`attnkit.patterns.grid_order`.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from math import prod
 from typing import Any
 
@@ -47,6 +62,9 @@ from .plan import EMPTY, FULL, PARTIAL, cdiv
 # elements of one tensor in the analytic plans: below torch's parallel grain size (32768), so
 # the many small ops run on one thread (waking a second one costs ~8 ms per op on a loaded CPU)
 SMALL_OP = 1 << 14
+# configurations whose parameters (settings and per-token tables) are kept
+PARAMS_CACHE = 16
+_PARAMS: OrderedDict = OrderedDict()
 
 
 def check_grid(grid: Any, what: str = "grid", owner: str = "") -> tuple[int, ...]:
@@ -95,7 +113,8 @@ class GridPattern(Pattern):
     """Base of self-attention patterns over a row-major grid (see the module doc).
 
     Subclasses set ``terms`` and implement ``axis_bounds(term, d, u, n, p) -> (lo, hi)``
-    (broadcastable integer tensors; every number read from ``p``) and extend ``params``.
+    (broadcastable integer tensors; every number read from ``p``) and extend ``settings`` (the
+    numbers ``axis_bounds`` reads); ``params`` adds the per-token tables of ``rule``.
     """
 
     terms = 1
@@ -115,10 +134,35 @@ class GridPattern(Pattern):
     def axis_bounds(self, term: int, d: int, u, n, p):
         raise NotImplementedError
 
-    def params(self, q_len, k_len):
+    def settings(self, q_len, k_len) -> dict[str, Any]:
+        """The numbers of the window arithmetic (``reference_rule``, ``axis_bounds``, plans)."""
         pitch = [prod(self.grid[d + 1:]) for d in range(self.rank)]
         return {"shape": torch.tensor(self.grid), "pitch": torch.tensor(pitch),
                 "dilation": torch.ones(self.rank, dtype=torch.long)}
+
+    def params(self, q_len, k_len):
+        """``settings`` plus ``tables`` (see the module doc); the same tensors for equal configurations."""
+        key = self.config_key()
+        hit = _PARAMS.get(key) if key is not None else None
+        if hit is None:
+            p = self.settings(q_len, k_len)
+            hit = {**p, "tables": grid_tables(self, p)}
+            if key is not None:
+                _PARAMS[key] = hit
+                if len(_PARAMS) > PARAMS_CACHE:
+                    _PARAMS.popitem(last=False)
+        else:
+            _PARAMS.move_to_end(key)
+        return dict(hit)
+
+    def config_key(self) -> tuple | None:
+        """What defines this pattern: its class and attributes (None if they are not hashable)."""
+        items = tuple(sorted(vars(self).items()))
+        try:
+            hash(items)
+        except TypeError:
+            return None
+        return (type(self), items)
 
     def check(self, q_len, k_len):
         if q_len != k_len:
@@ -131,11 +175,20 @@ class GridPattern(Pattern):
                 f"{q_len}; tokens are the grid's cells in row-major order, so prod(grid) must equal L.")
 
     # -- rule ------------------------------------------------------------------------------
+    def rule(self, b, h, q, k, p):
+        return table_rule(q, k, p["tables"])
+
+    def token_order(self, q_len, k_len, block=128):
+        from .grid_order import grid_token_order
+
+        return grid_token_order(self, q_len, k_len, block)
+
     def coords(self, idx, p) -> list:
         """Row-major coordinates of token indices (one tensor per dimension)."""
         return [(idx // p["pitch"][d]) % p["shape"][d] for d in range(p["shape"].shape[0])]
 
-    def rule(self, b, h, q, k, p):
+    def reference_rule(self, b, h, q, k, p):
+        """The rule from the module doc, readably (``rule`` computes the same from tables)."""
         xq, xk = self.coords(q, p), self.coords(k, p)
         out = None
         for t in range(self.terms):
@@ -156,7 +209,7 @@ class GridPattern(Pattern):
 
     # -- analytic plan ----------------------------------------------------------------------
     def _plan(self, q_len, k_len, block_q, block_k, device):
-        p = self.params(q_len, k_len)
+        p = self.settings(q_len, k_len)
         qlo, qhi, qok = block_boxes(q_len, block_q, self.grid)
         klo, khi, kok = block_boxes(k_len, block_k, self.grid)
         nq, sq = qok.shape
@@ -263,6 +316,55 @@ class GridPattern(Pattern):
         return "grid=" + ("(" + ", ".join(map(str, self.grid)) + ")")
 
 
+def table_rule(q, k, tables: dict) -> torch.Tensor:
+    """Visibility from the per-token tables (module doc): ``tables["codes"]`` is int32
+    ``(D + 2 T D, L)``: row ``d`` the key codes along dimension ``d``, rows ``D + 2 (t D + d)`` and
+    the next the query intervals' low and high ends of term ``t``; ``tables["layout"]`` is the
+    string ``"TxD"``, a constant of a compiled kernel (so the number of terms and dimensions is
+    structure, not a tensor size). OR over terms of the AND over dimensions of
+    ``low[q] <= key[k] <= high[q]``. One stacked tensor, not one per row: FlexAttention's CPU
+    template fails to compile several captured buffers of dynamic size (torch 2.13)."""
+    codes = tables["codes"]
+    terms, dims = (int(x) for x in tables["layout"].split("x"))
+    out = None
+    for t in range(terms):
+        term = None
+        for d in range(dims):
+            code = codes[d][k]
+            row = dims + 2 * (t * dims + d)
+            seen = (code >= codes[row][q]) & (code <= codes[row + 1][q])
+            term = seen if term is None else term & seen
+        out = term if out is None else out | term
+    return out
+
+
+def grid_coords(grid: tuple[int, ...]) -> torch.Tensor:
+    """Coordinates ``(D, L)`` of the tokens of a row-major grid."""
+    idx = torch.arange(prod(grid))
+    pitch = [prod(grid[d + 1:]) for d in range(len(grid))]
+    return torch.stack([(idx // pitch[d]) % n for d, n in enumerate(grid)])
+
+
+def grid_tables(pattern: GridPattern, p: dict[str, Any]) -> dict[str, Any]:
+    """The per-token tables of ``pattern`` (see ``table_rule``) from its ``settings`` ``p``."""
+    coords = grid_coords(pattern.grid)
+    D, T = pattern.rank, pattern.terms
+    rows: list = [None] * (D + 2 * T * D)
+    for d, n in enumerate(pattern.grid):
+        dil = int(p["dilation"][d])
+        m = -(-n // dil)
+        x = torch.arange(n)
+        g, u = x % dil, x // dil
+        n_g = (n - g + dil - 1) // dil
+        rows[d] = (g * m + u)[coords[d]]
+        for t in range(T):
+            lo, hi = (torch.broadcast_to(torch.as_tensor(v), (n,)) for v in pattern.axis_bounds(t, d, u, n_g, p))
+            lo, hi = torch.clamp(lo, min=0), torch.minimum(hi, n_g - 1)
+            rows[D + 2 * (t * D + d)] = (g * m + lo)[coords[d]]
+            rows[D + 2 * (t * D + d) + 1] = (g * m + hi)[coords[d]]
+    return {"codes": torch.stack(rows).to(torch.int32).contiguous(), "layout": f"{T}x{D}"}
+
+
 def block_boxes(length: int, block: int, grid: tuple[int, ...]):
     """Boxes covering each block of ``block`` consecutive tokens: ``lo, hi (nB, S, D)`` inclusive
     coordinates and ``ok (nB, S)`` (which slots hold a box); slots empty in every block are dropped."""
@@ -301,4 +403,5 @@ def _boxes(s: torch.Tensor, e: torch.Tensor, shape: tuple[int, ...]):
     return lo, hi, ok
 
 
-__all__ = ["SMALL_OP", "GridPattern", "block_boxes", "check_grid", "per_dim", "per_dim_flags"]
+__all__ = ["SMALL_OP", "GridPattern", "block_boxes", "check_grid", "grid_coords", "grid_tables", "per_dim",
+           "per_dim_flags", "table_rule"]

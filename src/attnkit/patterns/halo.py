@@ -42,8 +42,8 @@ class Halo(GridPattern):
                     f"halo: grid size {n} along dimension {i} is not a multiple of block={b} "
                     f"(grid={self.grid}); HaloNet tiles the map with whole blocks. Use a block in {divisors}.")
 
-    def params(self, q_len, k_len):
-        return {**super().params(q_len, k_len), "block": torch.tensor(self.block),
+    def settings(self, q_len, k_len):
+        return {**super().settings(q_len, k_len), "block": torch.tensor(self.block),
                 "halo": torch.tensor(self.halo)}
 
     def axis_bounds(self, term, d, u, n, p):

@@ -59,8 +59,8 @@ class Neighborhood(GridPattern):
                     f"neighborhood: stride {s} > kernel_size {k} along dimension {i}; GNA needs "
                     f"1 <= stride <= kernel_size (stride = kernel_size is blocked attention).")
 
-    def params(self, q_len, k_len):
-        return {**super().params(q_len, k_len), "dilation": torch.tensor(self.dilation),
+    def settings(self, q_len, k_len):
+        return {**super().settings(q_len, k_len), "dilation": torch.tensor(self.dilation),
                 "kernel": torch.tensor(self.kernel_size), "stride": torch.tensor(self.stride),
                 "causal": torch.tensor(self.causal)}
 

@@ -139,8 +139,8 @@ class DividedSpaceTime(GridPattern):
             raise OptionError(f"divided_space_time: causal_time={causal_time!r} must be True or False.")
         self.causal_time = causal_time
 
-    def params(self, q_len, k_len):
-        return {**super().params(q_len, k_len), "window": torch.tensor(self.window),
+    def settings(self, q_len, k_len):
+        return {**super().settings(q_len, k_len), "window": torch.tensor(self.window),
                 "causal_time": torch.tensor(self.causal_time)}
 
     def axis_bounds(self, term, d, u, n, p):
