@@ -275,7 +275,8 @@ class Rettention(Method):
 
     def prepare(self, call):
         block = call.options["block_size"]
-        return MaskSpec(mask_pattern(call), block=block), MaskSpec(Full(causal=False), block=block)
+        fixed = {"block": block or 128, "block_fixed": block is not None}
+        return MaskSpec(mask_pattern(call), **fixed), MaskSpec(Full(causal=False), **fixed)
 
     def reference(self, call):
         return reference(call)
