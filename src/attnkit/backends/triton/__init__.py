@@ -2,9 +2,9 @@
 imported on first use, so attnkit installs and runs without Triton (``can_run`` says why a Triton
 backend cannot run a call).
 
-- :mod:`.activation` / :mod:`.activation_kernels`: forward and backward of activation attention
-  (sigmoid, length-scaled softplus with l1 normalisation and re-weighting), causal / noncausal,
-  the ``triton`` backend of ``sigmoid`` and ``softplus``.
+- :mod:`.activation` / :mod:`.activation_kernels` / :mod:`.activation_bwd_kernels`: forward and
+  backward of activation attention (sigmoid, length-scaled softplus with l1 normalisation and
+  re-weighting), causal / noncausal, the ``triton`` backend of ``sigmoid`` and ``softplus``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ from ..activation import ActivationSpec, LengthScaledSoftplus, Sigmoid
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128)
 ACTIVATIONS = {Sigmoid: 0, LengthScaledSoftplus: 1}  # kernel code of each activation
+NORMALIZATIONS = {Sigmoid: ("none", "count", "sqrt_count"), LengthScaledSoftplus: ("sum",)}
+
+# log2(1 + t) = t * sum_k LOG2_1P_COEFFS[k] t^k on [0, 1], relative error < 1.5e-6 in float32
+# (Horner). Fitted here by iteratively re-weighted least squares on the relative error (a near-minimax
+# fit) of log2(1 + t) / t over 200001 points, degree 6; the 16-bit kernels' softplus uses it
+# in place of a logarithm (tests/test_softmax_free.py checks the bound).
+LOG2_1P_COEFFS = (1.4426932334899902, -0.7211593985557556, 0.4776679277420044, -0.3390877842903137,
+                  0.21528290212154388, -0.09579657018184662, 0.020400987938046455)
 
 
 def triton_available() -> bool:
@@ -77,6 +85,10 @@ class TritonActivationEngine:
                     f"{spec.pattern.describe()} (use backend='blocksparse')")
         if type(spec.activation) not in ACTIVATIONS:
             return f"no Triton kernel for the activation {spec.activation}"
+        allowed = NORMALIZATIONS[type(spec.activation)]
+        if spec.normalize not in allowed:
+            return (f"the Triton kernels run {type(spec.activation).__name__} with normalize in "
+                    f"{allowed}, not {spec.normalize!r} (use backend='blocksparse')")
         return None
 
     def auto_skip(self, call, spec) -> str | None:

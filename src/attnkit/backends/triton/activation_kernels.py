@@ -1,283 +1,296 @@
-"""Triton kernels of activation attention (see :mod:`attnkit.backends.activation` for the math).
+"""Triton kernels of activation attention (the math: :mod:`attnkit.backends.activation`).
 
-One program per (query block, batch x head) in the forward and dq kernels, per (key block,
-batch x head) in the dk/dv kernel. Scores and weights are float32 (``tl.dot`` accumulates in
-float32); weights are cast to the input dtype before the second product, as FlashAttention does.
-Rows and columns past ``Lq`` / ``Lk`` are masked (any length). Causal is bottom-right aligned:
-query i sees key j iff ``j <= i + Lk - Lq``.
+Kernels: ``_fwd_kernel`` (one program per query block and batch x head), ``_bwd_q_kernel`` (dq,
+per query block) and ``_bwd_kv_kernel`` (dk, dv, per key block, looping over query blocks in the
+transposed layout keys x queries), as in FlashAttention-2's backward (Dao 2023, arXiv 2307.08691)
+and the Triton fused-attention tutorial (python/tutorials/06-fused-attention.py: separate dk/dv
+and dq loops, no atomics). Activation attention keeps no row maximum: sigmoid needs no row
+statistic at all, softplus only the row sum D_i (forward) and delta_i = dO_i . out_i (backward).
 
-Row quantities: ``n_i`` (visible keys) and ``lam_i = length_scale * log(n_i)`` are computed in the
-kernels; ``Z_i`` (row sums of w, re-weighting only), ``1/D_i``, ``delta_i / D_i`` and ``E_i`` come
-from the caller (``(B, H, Lq)`` float32). ``ACT``: 0 = sigmoid(s + bias), 1 = softplus(lam_i s).
-Triton features used are those of Triton 3.x (``tl.dot(input_precision=...)``, ``tl.trans``).
+Scores ``s`` are the raw products ``q . k`` (float32 accumulation); every per-element quantity is
+a function of ``s`` and a few row constants, so the softmax scale is folded into them:
+
+- ``MODE 0`` sigmoid: ``w = sigmoid(2 h)`` with ``h = s * hs + hb`` (hs = scale / 2, hb = bias / 2),
+  ``dw/ds = scale / 4 * (1 - tanh(h)^2)`` (the factor ``scale / 4`` is applied once per output).
+- ``MODE 1`` softplus (LSSA) in base-2 units: ``y = c_i s`` with ``c_i = lam_i scale log2(e)`` and
+  ``w = softplus(x) / ln 2 = max(y, 0) + log2(1 + 2^-|y|)`` (x = y ln 2). The factor 1 / ln 2
+  cancels in ``out = sum w v / sum w`` and in every gradient (row sums use the same units);
+  ``dw/ds = c_i sigmoid(x)``.
+- ``MODE 2`` softplus re-weighted by a power with threshold 0: ``u = w^p`` (the row sum Z_i of the
+  re-weighting cancels: ``(w / Z)^p / sum (w / Z)^p = w^p / sum w^p``), one pass like MODE 1.
+- ``MODE 3`` softplus re-weighted with a threshold: ``u = relu(w / Z_i - thr_i)^p``; Z_i comes from
+  a first pass (``ROWSUM_ONLY``) and the backward's row term E_i from ``ROWTERM``.
+
+Tiles: ``[0, full)`` key tiles (forward, dq) or ``[mid, Lq)`` query tiles (dk/dv) are entirely
+visible and skip every mask; the causal diagonal tiles and the key tail (Lk not a multiple of the
+tile) take the masked path; causal tiles above the diagonal are never visited (loop bounds). Rows
+and columns past ``Lq`` / ``Lk`` load zeros. Causal is bottom-right aligned: query i sees key j
+iff ``j <= i + Lk - Lq``. Triton 3.x features only (``tl.dot(acc=, input_precision=)``,
+``tl.inline_asm_elementwise``).
 """
 
 import triton
 import triton.language as tl
 
+from . import LOG2_1P_COEFFS
 
+LOG2E = tl.constexpr(1.4426950408889634)
+HALF_LN2 = tl.constexpr(0.34657359027997264)
+P0 = tl.constexpr(LOG2_1P_COEFFS[0])
+P1 = tl.constexpr(LOG2_1P_COEFFS[1])
+P2 = tl.constexpr(LOG2_1P_COEFFS[2])
+P3 = tl.constexpr(LOG2_1P_COEFFS[3])
+P4 = tl.constexpr(LOG2_1P_COEFFS[4])
+P5 = tl.constexpr(LOG2_1P_COEFFS[5])
+P6 = tl.constexpr(LOG2_1P_COEFFS[6])
+
+
+# -- elementwise pieces --------------------------------------------------------------------------
 @triton.jit
-def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
     # UPCAST: Triton's CPU interpreter multiplies the raw bits of bfloat16 operands
     # (triton-lang/triton#11584); float32 products of bfloat16 values are exact, as on tensor cores
     if UPCAST:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        c = tl.dot(a, b, input_precision=PREC)
+        c = tl.dot(a, b, acc, input_precision=PREC)
     return c
 
 
 @triton.jit
-def _softplus(x):
-    # log(1 + e^x) = max(x, 0) + log1p(e^-|x|), log1p(t) = log(u) * t / (u - 1) with u = 1 + t
-    t = tl.exp(-tl.abs(x))
-    u = 1.0 + t
-    exact = u == 1.0
-    lp = tl.where(exact, t, tl.log(u) * (t / tl.where(exact, 1.0, u - 1.0)))
-    return tl.maximum(x, 0.0) + lp
-
-
-@triton.jit
-def _sigmoid(x, FAST: tl.constexpr):
-    # FAST (GPU, half-precision inputs): sigmoid(x) = 0.5 tanh(x / 2) + 0.5 with one MUFU
-    # tanh.approx.f32 (relative error ~2^-11, below bfloat16 rounding), as FlashSigmoid does
+def _sigmoid_half(h, FAST: tl.constexpr):
+    """``(sigmoid(2h), 1 - tanh(h)^2)``; the second is ``4 sigmoid'(2h)``. FAST (GPU, 16-bit
+    inputs): one MUFU ``tanh.approx.f32`` (sigmoid = 0.5 tanh(h) + 0.5, as FlashSigmoid does)."""
     if FAST:
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x * 0.5], dtype=tl.float32,
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=tl.float32,
                                       is_pure=True, pack=1)
-        y = 0.5 * t + 0.5
+        w = 0.5 * t + 0.5
+        g = 1.0 - t * t
     else:
-        y = tl.sigmoid(x)
-    return y
+        w = tl.sigmoid(2.0 * h)
+        g = 4.0 * w * (1.0 - w)
+    return w, g
 
 
 @triton.jit
-def _weights(s, lam, bias, mask, ACT: tl.constexpr, FAST: tl.constexpr):
-    if ACT == 0:
-        w = _sigmoid(s + bias, FAST)
+def _softplus_bits(y, POLY: tl.constexpr):
+    """``softplus(y ln 2) / ln 2 = max(y, 0) + log2(1 + t)``, ``t = 2^-|y|`` in (0, 1]: no overflow,
+    relative accuracy for tiny values. POLY (16-bit inputs): ``log2(1 + t) = t P(t)``, P of degree
+    6 (relative error < 1.5e-6, see LOG2_1P_COEFFS): one MUFU op (ex2) per element instead of a
+    precise logarithm and a division (Goldberg's ``log(u) t / (u - 1)``, ``u = 1 + t``)."""
+    t = tl.exp2(-tl.abs(y))
+    if POLY:
+        p = P6 * t + P5
+        p = p * t + P4
+        p = p * t + P3
+        p = p * t + P2
+        p = p * t + P1
+        p = p * t + P0
+        lp = t * p
     else:
-        w = _softplus(lam * s)
-    return tl.where(mask, w, 0.0)
+        u = 1.0 + t
+        exact = u == 1.0
+        lp = tl.where(exact, t * LOG2E, tl.log2(u) * (t / tl.where(exact, 1.0, u - 1.0)))
+    return tl.maximum(y, 0.0) + lp
 
 
 @triton.jit
-def _slope(s, w, lam, ACT: tl.constexpr, FAST: tl.constexpr):
-    if ACT == 0:
-        d = w * (1.0 - w)
+def _pow(x, power, IPOW: tl.constexpr):
+    """``x^p`` for x >= 0; IPOW in 1..4: the integer power by products (no transcendental)."""
+    if IPOW == 1:
+        r = x
+    elif IPOW == 2:
+        r = x * x
+    elif IPOW == 3:
+        r = x * x * x
+    elif IPOW == 4:
+        x2 = x * x
+        r = x2 * x2
     else:
-        d = lam * _sigmoid(lam * s, FAST)
-    return d
+        pos = x > 0.0
+        r = tl.where(pos, tl.exp2(power * tl.log2(tl.where(pos, x, 1.0))), 0.0)
+    return r
 
 
 @triton.jit
-def _sharpen(w, inv_z, thr, power):
-    """A = w / Z, u = relu(A - thr)^p and du/dA = p relu(A - thr)^(p-1)."""
-    a = w * inv_z
-    x = a - thr
-    pos = x > 0.0
-    lx = tl.log(tl.where(pos, x, 1.0))
-    u = tl.where(pos, tl.exp(power * lx), 0.0)
-    du = tl.where(pos, power * tl.exp((power - 1.0) * lx), 0.0)
-    return a, u, du
+def _dpow(x, power, IPOW: tl.constexpr):
+    """``d(x^p)/dx = p x^(p-1)`` for x >= 0 (0 at x = 0; the step of relu for p = 1)."""
+    if IPOW == 1:
+        r = tl.where(x > 0.0, 1.0, 0.0)
+    elif IPOW == 2:
+        r = 2.0 * x
+    elif IPOW == 3:
+        r = 3.0 * x * x
+    elif IPOW == 4:
+        r = 4.0 * x * x * x
+    else:
+        pos = x > 0.0
+        r = tl.where(pos, power * tl.exp2((power - 1.0) * tl.log2(tl.where(pos, x, 1.0))), 0.0)
+    return r
 
 
 @triton.jit
-def _row_count(rows, Lq, Lk, CAUSAL: tl.constexpr):
+def _weights(s, c, inv_z, thr, hs, hb, power, MODE: tl.constexpr, IPOW: tl.constexpr,
+             POLY: tl.constexpr, FAST: tl.constexpr):
+    """Final weights u of raw scores s (row constants c, inv_z, thr broadcast by the caller)."""
+    if MODE == 0:
+        u, _ = _sigmoid_half(s * hs + hb, FAST)
+    else:
+        w = _softplus_bits(s * c, POLY)
+        if MODE == 1:
+            u = w
+        elif MODE == 2:
+            u = _pow(w, power, IPOW)
+        else:
+            u = _pow(tl.maximum(w * inv_z - thr, 0.0), power, IPOW)
+    return u
+
+
+@triton.jit
+def _grads(s, dp, c, ra, rb, inv_z, thr, e, hs, hb, power, MODE: tl.constexpr, IPOW: tl.constexpr,
+           NEED_U: tl.constexpr, POLY: tl.constexpr, FAST: tl.constexpr):
+    """``(u, ds, r)`` of a tile: the final weights (when NEED_U), dL/ds and mode 3's row-term
+    summand ``r = gu du A``. dL/du = dp ra - rb (modes 1, 2: ra = c / D, rb = c delta / D with
+    the factor c of dy/ds folded in; mode 3: ra = 1 / D, rb = delta / D)."""
+    if MODE == 0:
+        u, g = _sigmoid_half(s * hs + hb, FAST)
+        ds = dp * g
+        r = ds
+    else:
+        y = s * c
+        sig, _ = _sigmoid_half(y * HALF_LN2, FAST)
+        if MODE == 1:
+            u = sig
+            if NEED_U:
+                u = _softplus_bits(y, POLY)
+            ds = (dp * ra - rb) * sig
+            r = ds
+        elif MODE == 2:
+            w = _softplus_bits(y, POLY)
+            u = _pow(w, power, IPOW)
+            ds = (dp * ra - rb) * (_dpow(w, power, IPOW) * sig)
+            r = ds
+        else:
+            a = _softplus_bits(y, POLY) * inv_z
+            x = tl.maximum(a - thr, 0.0)
+            u = _pow(x, power, IPOW)
+            gdu = (dp * ra - rb) * _dpow(x, power, IPOW)
+            ds = (gdu - e) * (inv_z * c) * sig
+            r = gdu * a
+    return u, ds, r
+
+
+@triton.jit
+def _key_range(m0, Lq, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles of the query block at row m0: ``[0, full)`` visible to every row (no mask),
+    ``[full, hi)`` partly visible (causal diagonal, key tail)."""
     if CAUSAL:
-        n = tl.minimum(tl.maximum(rows + (Lk - Lq) + 1, 0), Lk)
+        off = Lk - Lq
+        hi = tl.minimum(tl.maximum(tl.minimum(m0 + BLOCK_M, Lq) + off, 0), Lk)
+        full = tl.minimum(tl.maximum(m0 + off + 1, 0), Lk) // BLOCK_N * BLOCK_N
     else:
-        n = tl.zeros_like(rows) + Lk
-    return n.to(tl.float32)
+        hi = Lk
+        full = Lk // BLOCK_N * BLOCK_N
+    return full, hi
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, DEN, ZROW,
+def _query_range(n0, Lq, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query tiles of the key block at column n0: ``[lo, mid)`` partly visible (causal diagonal),
+    ``[mid, Lq)`` visible to every key of the block; tiles above lo see none of it."""
+    if CAUSAL:
+        off = Lk - Lq
+        lo = tl.maximum(n0 - off, 0) // BLOCK_M * BLOCK_M
+        mid = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M, Lq)
+    else:
+        lo = 0
+        mid = 0
+    return lo, mid
+
+
+@triton.jit
+def _rows(ptr, idx, ok, MASK: tl.constexpr):
+    if MASK:
+        x = tl.load(ptr + idx, mask=ok, other=0.0)
+    else:
+        x = tl.load(ptr + idx)
+    return x
+
+
+# -- forward -------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tile(acc, den, q, k_ptrs, v_ptrs, start_n, rows, c, inv_z, thr, s_kn, s_vn, Lk, off,
+              hs, hb, power, MODE: tl.constexpr, IPOW: tl.constexpr, CAUSAL: tl.constexpr,
+              MASKED: tl.constexpr, ROWSUM_ONLY: tl.constexpr, BLOCK_N: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr, POLY: tl.constexpr, FAST: tl.constexpr):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < Lk
+    k = _rows(k_ptrs + start_n * s_kn, 0, col_ok[:, None], MASKED)
+    s = _dot(q, tl.trans(k), None, PREC, UPCAST)
+    if ROWSUM_ONLY:
+        u = _softplus_bits(s * c[:, None], POLY)
+    else:
+        u = _weights(s, c[:, None], inv_z[:, None], thr[:, None], hs, hb, power, MODE, IPOW, POLY, FAST)
+    if MASKED:
+        keep = col_ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + off)
+        u = tl.where(keep, u, 0.0)
+    if MODE != 0:
+        den += tl.sum(u, 1)
+    if not ROWSUM_ONLY:
+        v = _rows(v_ptrs + start_n * s_vn, 0, col_ok[:, None], MASKED)
+        acc = _dot(u.to(v.dtype), v, acc, PREC, UPCAST)
+    return acc, den
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, DEN, C, INVZ, THR,
                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
-                H, GROUP, Lq, Lk, scale, bias, length_scale, power, threshold,
-                ACT: tl.constexpr, CAUSAL: tl.constexpr, NORM_SUM: tl.constexpr,
-                SHARPEN: tl.constexpr, ROWSUM_ONLY: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                H, GROUP, Lq, Lk, hs, hb, power,
+                MODE: tl.constexpr, IPOW: tl.constexpr, CAUSAL: tl.constexpr,
+                ROWSUM_ONLY: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, POLY: tl.constexpr,
                 FAST: tl.constexpr):
-    """out_i = sum_j u_ij v_j (/ sum_j u_ij); DEN_i = sum_j u_ij. ROWSUM_ONLY: DEN_i = sum_j w_ij."""
+    """out_i = sum_j u_ij v_j (modes 1-3: / DEN_i, DEN_i = sum_j u_ij). ROWSUM_ONLY (mode 3's
+    first pass): DEN_i = Z_i = sum_j w_ij, no output."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows start first
     pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*L*D may pass 2^31
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < Lq
     q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    k_base = K + b * s_kb + hk * s_kh
-    v_base = V + b * s_vb + hk * s_vh
-    off = Lk - Lq
-    n = _row_count(rows, Lq, Lk, CAUSAL)
-    lam = length_scale * tl.log(tl.maximum(n, 1.0))
-    thr = threshold / tl.maximum(n, 1.0)
-    inv_z = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if SHARPEN:
-        if not ROWSUM_ONLY:
-            z = tl.load(ZROW + pid_bh * Lq + rows, mask=row_ok, other=0.0)
-            inv_z = tl.where(z > 0.0, 1.0 / tl.where(z > 0.0, z, 1.0), 0.0)
+    k_ptrs = K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kn + offs_d[None, :]
+    v_ptrs = V + b * s_vb + hk * s_vh + offs_n[:, None] * s_vn + offs_d[None, :]
+    c = tl.zeros([BLOCK_M], dtype=tl.float32)
+    inv_z = c
+    thr = c
+    if MODE != 0:
+        c = tl.load(C + rows, mask=row_ok, other=0.0)
+    if MODE == 3 and not ROWSUM_ONLY:
+        inv_z = tl.load(INVZ + pid_bh * Lq + rows, mask=row_ok, other=0.0)
+        thr = tl.load(THR + rows, mask=row_ok, other=0.0)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + off)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < Lk
-        k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
-        mask = col_ok[None, :]
-        if CAUSAL:
-            mask = mask & (cols[None, :] <= rows[:, None] + off)
-        w = _weights(s, lam[:, None], bias, mask, ACT, FAST)
-        if ROWSUM_ONLY:
-            den += tl.sum(w, 1)
-        else:
-            u = w
-            if SHARPEN:
-                a, u, du = _sharpen(w, inv_z[:, None], thr[:, None], power)
-            v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            acc += _dot(u.to(v.dtype), v, PREC, UPCAST)
-            den += tl.sum(u, 1)
-    tl.store(DEN + pid_bh * Lq + rows, den, mask=row_ok)
+    off = Lk - Lq
+    full, hi = _key_range(m0, Lq, Lk, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in range(0, full, BLOCK_N):
+        acc, den = _fwd_tile(acc, den, q, k_ptrs, v_ptrs, start_n, rows, c, inv_z, thr, s_kn, s_vn,
+                             Lk, off, hs, hb, power, MODE, IPOW, CAUSAL, False, ROWSUM_ONLY, BLOCK_N,
+                             PREC, UPCAST, POLY, FAST)
+    for start_n in range(full, hi, BLOCK_N):
+        acc, den = _fwd_tile(acc, den, q, k_ptrs, v_ptrs, start_n, rows, c, inv_z, thr, s_kn, s_vn,
+                             Lk, off, hs, hb, power, MODE, IPOW, CAUSAL, True, ROWSUM_ONLY, BLOCK_N,
+                             PREC, UPCAST, POLY, FAST)
+    if MODE != 0:
+        tl.store(DEN + pid_bh * Lq + rows, den, mask=row_ok)
+        acc = acc * tl.where(den > 0.0, 1.0 / tl.where(den > 0.0, den, 1.0), 0.0)[:, None]
     if not ROWSUM_ONLY:
-        if NORM_SUM:
-            acc = acc * tl.where(den > 0.0, 1.0 / tl.where(den > 0.0, den, 1.0), 0.0)[:, None]
         tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + offs_d[None, :],
                  acc.to(O.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit
-def _bwd_q_kernel(Q, K, V, DO, DQ, INVD, SHIFT, ZROW, EROW,
-                  s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                  H, GROUP, Lq, Lk, scale, bias, length_scale, power, threshold,
-                  ACT: tl.constexpr, CAUSAL: tl.constexpr, SHARPEN: tl.constexpr,
-                  ROWTERM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                FAST: tl.constexpr):
-    """dq_i = scale sum_j ds_ij k_j (DQ has q's strides). ROWTERM: EROW_i = sum_j gu_ij du_ij A_ij."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows start first
-    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*L*D may pass 2^31
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = rows < Lq
-    q_off = b * s_qb + h * s_qh + rows[:, None] * s_qm + offs_d[None, :]
-    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0)
-    k_base = K + b * s_kb + hk * s_kh
-    v_base = V + b * s_vb + hk * s_vh
-    off = Lk - Lq
-    n = _row_count(rows, Lq, Lk, CAUSAL)
-    lam = length_scale * tl.log(tl.maximum(n, 1.0))
-    thr = threshold / tl.maximum(n, 1.0)
-    stat = pid_bh * Lq + rows
-    invd = tl.load(INVD + stat, mask=row_ok, other=0.0)
-    shift = tl.load(SHIFT + stat, mask=row_ok, other=0.0)
-    inv_z = tl.zeros([BLOCK_M], dtype=tl.float32)
-    e = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if SHARPEN:
-        z = tl.load(ZROW + stat, mask=row_ok, other=0.0)
-        inv_z = tl.where(z > 0.0, 1.0 / tl.where(z > 0.0, z, 1.0), 0.0)
-        if not ROWTERM:
-            e = tl.load(EROW + stat, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + off)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < Lk
-        k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
-        mask = col_ok[None, :]
-        if CAUSAL:
-            mask = mask & (cols[None, :] <= rows[:, None] + off)
-        w = _weights(s, lam[:, None], bias, mask, ACT, FAST)
-        dp = _dot(do, tl.trans(v), PREC, UPCAST)
-        gu = dp * invd[:, None] - shift[:, None]
-        if ROWTERM:
-            a, u, du = _sharpen(w, inv_z[:, None], thr[:, None], power)
-            e += tl.sum(gu * du * a, 1)
-        else:
-            if SHARPEN:
-                a, u, du = _sharpen(w, inv_z[:, None], thr[:, None], power)
-                gu = (gu * du - e[:, None]) * inv_z[:, None]
-            ds = tl.where(mask, gu * _slope(s, w, lam[:, None], ACT, FAST), 0.0)
-            dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
-    if ROWTERM:
-        tl.store(EROW + stat, e, mask=row_ok)
-    else:
-        tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit
-def _bwd_kv_kernel(Q, K, V, DO, DK, DV, INVD, SHIFT, ZROW, EROW,
-                   s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_gb, s_gh, s_gn,
-                   H, GROUP, Lq, Lk, scale, bias, length_scale, power, threshold,
-                   ACT: tl.constexpr, CAUSAL: tl.constexpr, SHARPEN: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PREC: tl.constexpr, UPCAST: tl.constexpr,
-                FAST: tl.constexpr):
-    """dk_j, dv_j of one query head (DK, DV: ``(B, H, Lk, D)``, strides s_g*), in the transposed
-    layout: scores (keys x queries)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*L*D may pass 2^31
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = cols < Lk
-    k = tl.load(K + b * s_kb + hk * s_kh + cols[:, None] * s_kn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * s_vb + hk * s_vh + cols[:, None] * s_vn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    q_base = b * s_qb + h * s_qh
-    off = Lk - Lq
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    lo = 0
-    if CAUSAL:
-        lo = tl.maximum(pid_n * BLOCK_N - off, 0) // BLOCK_M * BLOCK_M
-    for start_m in range(lo, Lq, BLOCK_M):
-        rows = start_m + offs_m
-        row_ok = rows < Lq
-        q_off = q_base + rows[:, None] * s_qm + offs_d[None, :]
-        q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0)
-        n = _row_count(rows, Lq, Lk, CAUSAL)
-        lam = length_scale * tl.log(tl.maximum(n, 1.0))
-        stat = pid_bh * Lq + rows
-        invd = tl.load(INVD + stat, mask=row_ok, other=0.0)
-        shift = tl.load(SHIFT + stat, mask=row_ok, other=0.0)
-        st = _dot(k, tl.trans(q), PREC, UPCAST) * scale
-        mask = col_ok[:, None] & row_ok[None, :]
-        if CAUSAL:
-            mask = mask & (cols[:, None] <= rows[None, :] + off)
-        wt = _weights(st, lam[None, :], bias, mask, ACT, FAST)
-        ut = wt
-        dpt = _dot(v, tl.trans(do), PREC, UPCAST)
-        gut = dpt * invd[None, :] - shift[None, :]
-        if SHARPEN:
-            z = tl.load(ZROW + stat, mask=row_ok, other=0.0)
-            inv_z = tl.where(z > 0.0, 1.0 / tl.where(z > 0.0, z, 1.0), 0.0)
-            e = tl.load(EROW + stat, mask=row_ok, other=0.0)
-            thr = threshold / tl.maximum(n, 1.0)
-            at, ut, dut = _sharpen(wt, inv_z[None, :], thr[None, :], power)
-            gut = (gut * dut - e[None, :]) * inv_z[None, :]
-        dv += _dot((ut * invd[None, :]).to(do.dtype), do, PREC, UPCAST)
-        dst = tl.where(mask, gut * _slope(st, wt, lam[None, :], ACT, FAST), 0.0)
-        dk += _dot(dst.to(q.dtype), q, PREC, UPCAST)
-    g_off = b * s_gb + h * s_gh + cols[:, None] * s_gn + offs_d[None, :]
-    tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
