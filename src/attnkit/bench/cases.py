@@ -112,7 +112,7 @@ def make_case(name: str, pattern: str, length: int, shape: Shape, density: float
 def op_inputs(case: Case, device, seed: int, grad: bool = False) -> tuple[torch.Tensor, ...]:
     """Gaussian ``q (B, H, Lq, D)``, ``k, v (B, Hkv, Lk, D)`` (or ``x``/``context`` for layers)."""
     s = case.shape
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # on the device: no host-side randn at large L
     dtype = DTYPES[s.dtype]
     if case.unit == "layer":
         dim = s.heads * s.head_dim
@@ -120,7 +120,7 @@ def op_inputs(case: Case, device, seed: int, grad: bool = False) -> tuple[torch.
     else:
         shapes = [(s.batch, s.heads, case.q_len, s.head_dim), (s.batch, s.kv_heads, case.k_len, s.head_dim),
                   (s.batch, s.kv_heads, case.k_len, s.head_dim)]
-    out = tuple(torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for shape in shapes)
+    out = tuple(torch.randn(shape, generator=gen, device=device).to(dtype) for shape in shapes)
     for t in out:
         t.requires_grad_(grad)
     return out

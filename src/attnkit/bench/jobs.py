@@ -122,19 +122,51 @@ def _speed_case(name: str, backend: str, pattern: str, length: int, shape: Shape
 
 
 def _speed_measure(ctx, tier, case, why, mode, key, slow, length) -> Measure:
+    """One K1/K2 row. A call over the preset's per-call limit stops the longer lengths of that
+    (method, variant, pattern); K1 also predicts the next length's call from the last one measured
+    (time x (L / L_prev)^2, attention's worst growth) and skips it when the prediction is over the
+    limit; K2 skips a (method, backend, pattern, length) whose K1 timing was over or predicted over."""
+    seen = ctx.memo.setdefault("call_s", {})        # K1 key -> (length, seconds per call)
+    too_slow = _too_slow_cases(ctx)                  # (method, backend, pattern, unit, length)
+    case_key = (key[0], key[1].partition("@")[2], key[2], key[3], length)
+    limit = ctx.preset.speed.call_limit_s
+
     def measure():
         if case is None:
             raise NotApplicable(why)
         if key in slow:
             raise NotApplicable(f"skipped at L={length}: a shorter length was too slow ({slow[key]})")
+        if tier == "K1" and key in seen:
+            shorter, seconds = seen[key]
+            predicted = seconds * (length / shorter) ** 2
+            if predicted > limit:
+                too_slow.add(case_key)
+                raise NotApplicable(f"skipped at L={length}: predicted {predicted:.2f} s per call from "
+                                    f"{seconds:.3f} s at L={shorter}, over the preset's per-call limit of {limit} s")
+        if tier == "K2" and case_key in too_slow:
+            raise NotApplicable(f"skipped at L={length}: its K1 call was over the preset's per-call limit")
         try:
             if tier == "K1":
-                return ops.speed(case, ctx.device, mode, ctx.preset.speed)
+                backend, metrics = ops.speed(case, ctx.device, mode, ctx.preset.speed)
+                seen[key] = (length, metrics["median_ms"] / 1e3)
+                return backend, metrics
             return ops.memory(case, ctx.device, mode, ctx.worker)
         except TooSlow as err:
             slow[key] = str(err)
+            if tier == "K1":
+                too_slow.add(case_key)
             raise NotApplicable(f"too slow: {err}") from None
     return measure
+
+
+def _too_slow_cases(ctx: Context) -> set:
+    """K1 cases over the per-call limit, seeded from the rows a resumed run already has."""
+    if "too_slow" not in ctx.memo:
+        ctx.memo["too_slow"] = {
+            (r.method, r.variant.partition("@")[2], r.pattern, r.size.get("unit"), r.size.get("length"))
+            for r in ctx.previous.values()
+            if r.tier == "K1" and ("per-call limit" in r.reason)}
+    return ctx.memo["too_slow"]
 
 
 # -- K3 ------------------------------------------------------------------------------------------
