@@ -79,8 +79,13 @@ def _json(x: Any) -> str:
     return json.dumps(x, sort_keys=True, default=_jsonable)
 
 
+SMALL_ARRAY = 64  # larger tensors (e.g. learned embeddings given as options) are stored as a summary
+
+
 def _jsonable(x: Any) -> Any:
     if hasattr(x, "tolist"):
+        if getattr(x, "numel", lambda: SMALL_ARRAY)() > SMALL_ARRAY:
+            return {"tensor_shape": list(x.shape), "dtype": str(x.dtype), "sum": float(x.double().sum())}
         return x.tolist()
     if isinstance(x, tuple):
         return list(x)
