@@ -217,6 +217,30 @@ def test_speed_memory_efficiency_tiers(tmp_path):
     assert all(r.metrics["lengths"] == [32, 64, 128] for r in k3)
 
 
+def test_slow_calls_skip_longer_lengths_by_prediction(tmp_path, monkeypatch):
+    """K1 predicts a length's call from the previous one (quadratic growth) and skips it when over the
+    per-call limit; K2 skips what K1 found too slow."""
+    from attnkit.bench import ops
+
+    real_speed = ops.speed
+
+    def speed(case, device, mode, cfg):  # pretend every call takes L/32 * 10 ms
+        backend, metrics = real_speed(case, device, mode, cfg)
+        return backend, {**metrics, "median_ms": 10.0 * case.q_len / 32}
+
+    monkeypatch.setattr(ops, "speed", speed)
+    preset = tiny(patterns=("causal-self",))
+    preset = preset.with_(speed=replace(preset.speed, call_limit_s=0.05))  # 32: 10 ms; 64: 40 predicted, 20 "measured"; 128: 80 predicted
+    run_bench(preset, tmp_path, methods_=["linear"], tiers=["K1", "K2"], report=False)
+    store = Store(tmp_path)
+    rows = {(r.tier, r.variant, r.q_len): r for r in store.rows(store.run()["run_id"]) if r.method == "linear"}
+    assert rows["K1", "fwd", 64].status == "ok"
+    skipped = rows["K1", "fwd", 128]
+    assert skipped.status == "n-a" and "predicted 0.08 s per call" in skipped.reason
+    assert rows["K2", "fwd", 64].status == "ok"
+    assert rows["K2", "fwd", 128].status == "n-a" and "per-call limit" in rows["K2", "fwd", 128].reason
+
+
 def test_fidelity_validity_and_tasks(tmp_path):
     run_bench(tiny(patterns=("causal-self", "noncausal-cross")), tmp_path, methods_=METHODS,
               tiers=["F1", "F2", "S1", "S3", "S4", "L1"], report=False)

@@ -89,11 +89,16 @@ def main(argv=None) -> int:
     p.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.25])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=240.0, help="start no new case after this many seconds")
     a = p.parse_args(argv)
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "python": sys.version.split()[0], "dtype": a.dtype,
+            "heads": a.heads, "dim": a.dim, "reps": a.reps}
+    started = time.perf_counter()
     for L in a.lengths:
         g = torch.Generator().manual_seed(L)
         q, k, v = (torch.randn(1, a.heads, L, a.dim, generator=g).to(device, dtype) for _ in range(3))
@@ -114,23 +119,29 @@ def main(argv=None) -> int:
                     except NotImplementedError:
                         pass
                 for label, opts in budgets:
-                    row = run_case(name, opts, q, k, v, causal, device, a.reps)
+                    if time.perf_counter() - started > a.budget_s:
+                        row = {"method": name, "options": opts, "error": f"not run: --budget-s {a.budget_s:.0f} spent"}
+                    else:
+                        row = run_case(name, opts, q, k, v, causal, device, a.reps)
                     rows.append({"length": L, "pattern": pattern, "budget": label, **row})
                     print(json.dumps(rows[-1]), flush=True)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "python": sys.version.split()[0], "dtype": a.dtype,
-            "heads": a.heads, "dim": a.dim, "reps": a.reps}
+                    write(out_dir, meta, rows, a.dtype, a.heads, a.dim)  # nothing measured is lost if cut short
+    print(write(out_dir, meta, rows, a.dtype, a.heads, a.dim))
+    return 0
+
+
+def write(out_dir: Path, meta: dict, rows: list, dtype: str, heads: int, dim: int) -> str:
+    """Write ``bench_approx.json`` and ``bench_approx.md``; return the Markdown."""
     (out_dir / "bench_approx.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# approximate methods on {meta['device']} (torch {meta['torch']}, {a.dtype}, B=1, H={a.heads}, "
-             f"D={a.dim})", "", "| L | pattern | method | budget | backend | fwd ms | fwd+bwd ms | rel-L1 | cosine | note |",
+    lines = [f"# approximate methods on {meta['device']} (torch {meta['torch']}, {dtype}, B=1, H={heads}, "
+             f"D={dim})", "", "| L | pattern | method | budget | backend | fwd ms | fwd+bwd ms | rel-L1 | cosine | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda key: f"{r[key]:.3g}" if isinstance(r.get(key), float) else ""  # noqa: E731
         lines.append(f"| {r['length']} | {r['pattern']} | {r['method']} | {r.get('budget', '')} | {r.get('backend', '')} "
                      f"| {f('fwd_ms')} | {f('fwd_bwd_ms')} | {f('rel_l1')} | {f('cosine')} | {r.get('error', '')} |")
     (out_dir / "bench_approx.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

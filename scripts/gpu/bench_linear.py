@@ -243,13 +243,14 @@ def main(argv=None):
     env = environment(device)
     print("environment:", json.dumps(env))
     chosen = [(name, opts) for name, opts in our_methods() if not args.methods or name in args.methods]
-    # baselines first (dense, then fla), so a run cut short still has them beside our methods
+    # dense first, then each of our methods followed by fla's kernel for it (fla's autotuning is slow:
+    # a run cut short by --budget-s still has our methods, each beside its fla baseline)
     cases = [("dense", "sdpa-cudnn" if device == "cuda" else "sdpa", dense(device))]
     fla, fla_notes = fla_cases() if device == "cuda" else ({}, {"fla": "not run on CPU (Triton kernels)"})
-    for name, (label, fn) in fla.items():
-        if any(name == c for c, _ in chosen):
-            cases.append((f"fla:{name}", label, fn))
-    cases += [(name, "attnkit", ours(name, opts, args.chunk_size)) for name, opts in chosen]
+    for name, opts in chosen:
+        cases.append((name, "attnkit", ours(name, opts, args.chunk_size)))
+        if name in fla:
+            cases.append((f"fla:{name}", *fla[name]))
     modes = ["fwd"] + ([] if args.no_backward else ["fwd+bwd"])
     rows: list = []
     checks = cross_check(fla, args, device, dtype) if fla else {}
