@@ -195,28 +195,32 @@ def _pattern_methods():
     return [i.name for i in ak.methods() if any(e.name == "flex" for e in get_method(i.name).engines())]
 
 
+# FlexAttention's CPU template (torch 2.13 inductor) emits C++ that does not compile for the
+# block-selection rules of these dynamic methods ("'cur_qSplitSize8' was not declared"); the engine
+# reports it as BackendUnavailableError (never a silent fallback). They compile and run on CUDA.
+CPU_TEMPLATE_FAILS = {"moba", "kinetics", "seer"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _pattern_methods())
 def test_every_pattern_method_through_flex(name):
     """Each claimed pattern, two configurations in one process (the second must not recompile at
     unchanged shapes: the engine is strict), odd lengths and GQA, against the oracle."""
-    engine = FlexEngine()
     info = ak.method_info(name)
     for pattern in [p for p in ak.PATTERNS if p in info.patterns]:
         causal = pattern.startswith("causal")
         Lq, Lk = shape_for(pattern, 150, 97)
         q, k, v = (t.to(DEVICE) for t in inputs(B=2, H=4, Hkv=2, Lq=Lq, Lk=Lk, D=16, dtype=torch.float32))
         for seed in (1, 2):
-            opts = sample(name, seed, Lq, Lk)
-            impl = get_method(name)
-            from attnkit.api import _dispatch
-
-            with torch.no_grad():
-                _, call, _, _ = _dispatch(q, k, v, None, 0.0, causal, None, True, name, "auto", None, opts)
-                spec = impl.prepare(call)
-                why = engine.can_run(call, spec)
-                assert why is None, why
-                got = engine.run(call, spec)
+            opts = sample(name, seed, Lq, Lk, heads=4, kv_heads=2, head_dim=16)
+            try:
+                with torch.no_grad():
+                    got = ak.attend(q, k, v, is_causal=causal, enable_gqa=True, method=name, backend="flex",
+                                    **opts)
+            except ak.BackendUnavailableError as err:  # said, not silent; only the known CPU template bug
+                if DEVICE == "cpu" and name in CPU_TEMPLATE_FAILS and "could not compile" in str(err):
+                    pytest.xfail(f"torch's CPU FlexAttention template cannot compile {name}'s rule")
+                raise
             want = truth(name, q, k, v, is_causal=causal, **opts)
             assert rel_err(got, want) <= TOL32, (pattern, opts, rel_err(got, want))
 

@@ -407,7 +407,7 @@ class FlexEngine:
             if err.__class__.__module__.startswith(("torch._dynamo", "torch._inductor")):
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise BackendUnavailableError(
-                    f"FlexAttention could not compile {spec.describe()}: {first}. Use "
+                    f"FlexAttention could not compile {pattern.describe()}: {first}. Use "
                     "backend='blocksparse'.") from err
             raise
 

@@ -53,7 +53,8 @@ class PrefixLM(Pattern):
 
     def rule(self, b, h, q, k, p):
         prefix = p["prefix"]
-        last = prefix[b] - 1 if isinstance(prefix, torch.Tensor) else prefix - 1
+        per_batch = isinstance(prefix, torch.Tensor) and prefix.dim() > 0  # flex passes a number as a 0-d tensor
+        last = (prefix[b] if per_batch else prefix) - 1
         return k <= torch.maximum(q + p["offset"], torch.as_tensor(last, device=q.device))
 
     def _plan(self, q_len, k_len, block_q, block_k, device):

@@ -23,7 +23,12 @@ from ...patterns.interval import Full, SlidingWindow, window_sides
 from ...patterns.relative import SIDES, relative_logits, relative_score_mod, table_center
 from ...reference import reference
 from ...registry import MethodInfo, options, register
-from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS, PatternMethod
+from ..pattern_method import BLOCK_SIZE, MASK_ENGINES, PatternMethod
+
+# The term q_i . E[j - i] is a D-long dot product per score: FlexAttention's score_mod must be
+# pointwise (its compiler refuses the reduction: "Buffers cannot be created while lowering a
+# pointwise subgraph", torch 2.11/2.13), so relative runs on the blocksparse and dense engines.
+ENGINES = tuple(e for e in MASK_ENGINES if e.name != "flex")
 
 
 @register
@@ -32,7 +37,7 @@ class RelativeMethod(PatternMethod):
         name="relative", family="P", kind="exact", decode=True, seed=(67,),
         patterns=frozenset({pattern_name(False, True), pattern_name(True, True), pattern_name(True, False)}),
         summary="Music Transformer relative-position logits q.E[j-i] (skew trick reference)",
-        backends=MASK_BACKENDS, accepts_mask=True,
+        backends=tuple(e.name for e in ENGINES), accepts_mask=True,
         options=options(
             Option("embeddings", "tensor", None, "relative embeddings E, (R, D) or (H, R, D); rows are "
                    "distances j - i from -(m-1) upward (see sides)"),
@@ -42,6 +47,9 @@ class RelativeMethod(PatternMethod):
                    "self; noncausal: window//2 each side); None: all keys", low=1, nullable=True),
             BLOCK_SIZE),
         references="Huang et al. 2018, arXiv 1809.04281; Shaw et al. 2018; tensor2tensor common_attention.py")
+
+    def engines(self):
+        return ENGINES
 
     def _table(self, call) -> tuple[torch.Tensor, str]:
         E, sides = call.options["embeddings"], call.options["sides"] or ("left" if call.is_causal else "both")
