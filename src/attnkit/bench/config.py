@@ -1,5 +1,5 @@
 """Benchmark presets: what each tier measures at ``smoke`` (2 CPU cores, every registered method,
-a few minutes) and ``full`` (one GPU, about ten minutes, run in pieces with ``--tiers`` /
+a few minutes) and ``full`` (one GPU, about 25-30 minutes, run in pieces with ``--tiers`` /
 ``--resume`` / ``--time-limit``). Every number a tier uses lives here."""
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ FULL = Preset(
                                    "train": 8000, "test": 500}, methods=FULL_TASK_SUBSET),
     },
 )
-"""One H100/H200, run in pieces of under ten minutes (``scripts/gpu/bench_full.sh``): about twenty
+"""One H100/H200, run in pieces of under ten minutes (``scripts/gpu/bench_full.sh``): about 25-30
 minutes in all; K1/K2 skip a length whose call is measured or predicted over ``call_limit_s``."""
 
 TINY = SMOKE.with_(
