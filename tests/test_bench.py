@@ -230,7 +230,8 @@ def test_slow_calls_skip_longer_lengths_by_prediction(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ops, "speed", speed)
     preset = tiny(patterns=("causal-self",))
-    preset = preset.with_(speed=replace(preset.speed, call_limit_s=0.05))  # 32: 10 ms; 64: 40 predicted, 20 "measured"; 128: 80 predicted
+    # calls "take" 10 ms at L=32, 20 ms at 64 (40 predicted: run), 80 ms predicted at 128: skipped
+    preset = preset.with_(speed=replace(preset.speed, call_limit_s=0.05))
     run_bench(preset, tmp_path, methods_=["linear"], tiers=["K1", "K2"], report=False)
     store = Store(tmp_path)
     rows = {(r.tier, r.variant, r.q_len): r for r in store.rows(store.run()["run_id"]) if r.method == "linear"}

@@ -134,11 +134,13 @@ def write(out_dir: Path, meta: dict, rows: list, dtype: str, heads: int, dim: in
     """Write ``bench_approx.json`` and ``bench_approx.md``; return the Markdown."""
     (out_dir / "bench_approx.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# approximate methods on {meta['device']} (torch {meta['torch']}, {dtype}, B=1, H={heads}, "
-             f"D={dim})", "", "| L | pattern | method | budget | backend | fwd ms | fwd+bwd ms | rel-L1 | cosine | note |",
+             f"D={dim})", "",
+             "| L | pattern | method | budget | backend | fwd ms | fwd+bwd ms | rel-L1 | cosine | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda key: f"{r[key]:.3g}" if isinstance(r.get(key), float) else ""  # noqa: E731
-        lines.append(f"| {r['length']} | {r['pattern']} | {r['method']} | {r.get('budget', '')} | {r.get('backend', '')} "
+        lines.append(f"| {r['length']} | {r['pattern']} | {r['method']} | {r.get('budget', '')} | "
+                     f"{r.get('backend', '')} "
                      f"| {f('fwd_ms')} | {f('fwd_bwd_ms')} | {f('rel_l1')} | {f('cosine')} | {r.get('error', '')} |")
     (out_dir / "bench_approx.md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)

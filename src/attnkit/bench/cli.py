@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
         preset: Annotated[str, typer.Option(help=f"one of {', '.join(PRESETS)}: smoke = 2 CPU cores, every "
-                                                 "method, a few minutes; full = one GPU, about 25-30 minutes in pieces")] = "smoke",
+                                                 "method, a few minutes; full = one GPU, about 25-30 "
+                                                 "minutes in pieces")] = "smoke",
         out: Annotated[Path, typer.Option(help="directory of the SQLite store and the report")] = Path("bench-results"),
         methods: Annotated[list[str] | None, typer.Option(help="methods to run (comma-separated or repeated; "
                                                                "default: every registered method)")] = None,
