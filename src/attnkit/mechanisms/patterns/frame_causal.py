@@ -18,7 +18,7 @@ from ...patterns.video import CONTEXT_ATTENDS, FrameCausal
 from ...registry import MethodInfo, options, register
 from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS, PatternMethod
 from ._grid import divisors, sample_block_size
-from .radial import FRAMES, TOKENS_PER_FRAME, VIDEO_GRID, video_layout
+from .radial import FRAMES, TOKENS_PER_FRAME, VIDEO_GRID, bench_frames, video_layout
 
 
 @register
@@ -48,12 +48,7 @@ class FrameCausalMethod(PatternMethod):
         """Eight frames (four for short sequences) of ``L / frames`` tokens each."""
         if density is not None:
             return super().bench_options(q_len, k_len, density)
-        frames = 8 if q_len % 8 == 0 and q_len >= 256 else 4
-        if q_len % frames:
-            from ...errors import OptionError
-
-            raise OptionError(f"L={q_len} does not split into {frames} frames")
-        return {"frames": frames}
+        return {"frames": bench_frames(q_len)}
 
     def sample_options(self, rng, q_len, k_len):
         context = int(rng.integers(0, q_len // 4 + 1)) if rng.random() < 0.5 else 0

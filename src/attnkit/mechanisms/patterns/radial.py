@@ -50,6 +50,14 @@ def video_layout(method: str, o: dict, video: int) -> tuple[int, int]:
     return resolve_frames(method, o["frames"], o["tokens_per_frame"], video)
 
 
+def bench_frames(length: int) -> int:
+    """The benchmark's video layout: eight frames (four for short sequences) of ``L / frames`` tokens."""
+    frames = 8 if length % 8 == 0 and length >= 256 else 4
+    if length % frames:
+        raise OptionError(f"L={length} does not split into {frames} frames")
+    return frames
+
+
 @register
 class RadialMethod(PatternMethod):
     info = MethodInfo(
@@ -82,12 +90,7 @@ class RadialMethod(PatternMethod):
         """Eight frames (four for short sequences) of ``L / frames`` tokens each."""
         if density is not None:
             return super().bench_options(q_len, k_len, density)
-        frames = 8 if q_len % 8 == 0 and q_len >= 256 else 4
-        if q_len % frames:
-            from ...errors import OptionError
-
-            raise OptionError(f"L={q_len} does not split into {frames} frames")
-        return {"frames": frames}
+        return {"frames": bench_frames(q_len)}
 
     def sample_options(self, rng, q_len, k_len):
         text = int(rng.integers(0, q_len // 4 + 1))
