@@ -104,7 +104,7 @@ class Kinetics(DynamicMethod):
     def bench_options(self, q_len, k_len, density=None):
         """Paper defaults scaled to the length; ``density`` (a share of all Lq x Lk pairs, of which
         causal attention sees about half) becomes this method's candidate share ``2 * density``."""
-        opts = dict({})
+        opts: dict = {}
         if density is not None:
             opts["density"] = min(1.0, 2 * density)
         return opts
