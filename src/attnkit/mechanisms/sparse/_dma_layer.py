@@ -17,7 +17,6 @@ through the bias; it is not the paper's recipe (the paper pre-trains whole model
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 from ...errors import ArgumentError
 from ...nn.cache import AttentionCache
 from ...nn.rope import apply_rope
+from ._training import cycled, learned_layer
 
 
 class DMALayer(nn.Module):
@@ -96,11 +96,8 @@ class DMALayer(nn.Module):
 
 
 def dma_layer(layer) -> DMALayer:
-    inner = getattr(layer, "inner", layer)
-    if not isinstance(inner, DMALayer):
-        raise ArgumentError(f"expected ak.nn.Attention(..., method='dma', learned=True) or a DMALayer, got "
-                            f"{type(layer).__name__}.")
-    return inner
+    """The DMALayer inside ``layer`` (an ``ak.nn.Attention(..., method="dma", learned=True)``)."""
+    return learned_layer(layer, DMALayer, "dma")
 
 
 def train_bias(layer, data, steps: int = 100, lr: float = 1e-2) -> list[float]:
@@ -113,7 +110,7 @@ def train_bias(layer, data, steps: int = 100, lr: float = 1e-2) -> list[float]:
     saved = [p.requires_grad for p in others]
     for p in others:
         p.requires_grad_(False)
-    batches = itertools.cycle([data] if isinstance(data, torch.Tensor) else list(data))
+    batches = cycled(data)
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
     try:

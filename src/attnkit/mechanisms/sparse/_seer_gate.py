@@ -31,7 +31,6 @@ the forward is always the gated sparse attention and the loss is a separate call
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -40,6 +39,7 @@ from torch import nn
 from ...errors import ArgumentError, ShapeError
 from ...nn.rope import apply_rope
 from ...patterns.plan import cdiv
+from ._training import cycled, learned_layer
 from .base import key_means, rows_per_chunk
 
 MASKED = -1e9  # the official gate's fill value for masked blocks (finite: KL stays defined)
@@ -236,11 +236,7 @@ class SeerLayer(nn.Module):
 
 def seer_layer(layer) -> SeerLayer:
     """The SeerLayer inside ``layer`` (an ``ak.nn.Attention(..., method="seer", learned=True)``)."""
-    inner = getattr(layer, "inner", layer)
-    if not isinstance(inner, SeerLayer):
-        raise ArgumentError(f"expected ak.nn.Attention(..., method='seer', learned=True) or a SeerLayer, got "
-                            f"{type(layer).__name__} with inner {type(inner).__name__}.")
-    return inner
+    return learned_layer(layer, SeerLayer, 'seer')
 
 
 def train_gate(layer, data, steps: int = 100, lr: float = 1e-3) -> list[float]:
@@ -253,7 +249,7 @@ def train_gate(layer, data, steps: int = 100, lr: float = 1e-3) -> list[float]:
     saved = [p.requires_grad for p in others]
     for p in others:
         p.requires_grad_(False)
-    batches = itertools.cycle([data] if isinstance(data, torch.Tensor) else list(data))
+    batches = cycled(data)
     opt = torch.optim.AdamW(gate_params, lr=lr, weight_decay=0.0)
     losses = []
     try:
