@@ -25,6 +25,22 @@ def _style(i: int) -> dict:
     return {"color": cmap(i % 20), "marker": MARKERS[i % len(MARKERS)], "markersize": 4, "linewidth": 1.2}
 
 
+def _method_style(method: str, i: int) -> dict:
+    """Dense attention, the reference line of every plot, in heavy black; the others from ``_style``."""
+    return {"color": "black", "linewidth": 2.4, "marker": "o"} if method == "dense" else _style(i)
+
+
+def _accuracy_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """The finish shared by the accuracy plots: log2 x axis, accuracy in [0, 1], grid, legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def _save(fig, path: Path, subtitle: str, layout: bool = True) -> Path:
     """``layout=False``: the figure lays itself out (constrained layout)."""
     if layout:
@@ -172,17 +188,10 @@ def accuracy_vs_width(rows: list[Row], title: str, path: Path, subtitle: str) ->
     for i, (m, pts) in enumerate(sorted(by_method.items())):
         pts.sort()
         w, mean, std = zip(*pts)
-        style = {"color": "black", "linewidth": 2.4, "marker": "o"} if m == "dense" else _style(i)
-        ax.errorbar(w, mean, yerr=std, label=m, capsize=2, **style)
-    ax.set_xscale("log", base=2)
+        ax.errorbar(w, mean, yerr=std, label=m, capsize=2, **_method_style(m, i))
+    _accuracy_axes(ax, "model width (d_model)", "accuracy on query positions", title)
     ax.set_xticks(sorted({w for (_, w) in best}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("model width (d_model)")
-    ax.set_ylabel("accuracy on query positions")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
     return _save(fig, path, subtitle)
 
 
@@ -197,18 +206,11 @@ def accuracy_vs_length(rows: list[Row], title: str, path: Path, subtitle: str) -
     for i, (m, runs) in enumerate(sorted(per.items())):
         lens = sorted({int(n) for run in runs for n in run})
         mean = [np.mean([run[str(n)] for run in runs if str(n) in run]) for n in lens]
-        style = {"color": "black", "linewidth": 2.4, "marker": "o"} if m == "dense" else _style(i)
-        ax.plot(lens, mean, label=m, **style)
+        ax.plot(lens, mean, label=m, **_method_style(m, i))
     train = ok[0].metrics.get("train_len")
     if train:
         ax.axvline(train, color="#888", linestyle=":", label=f"train length {train}")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("test sequence length (tokens)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    _accuracy_axes(ax, "test sequence length (tokens)", "accuracy", title)
     return _save(fig, path, subtitle)
 
 
