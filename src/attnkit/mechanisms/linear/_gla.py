@@ -87,10 +87,11 @@ def gla_chunked(q, k, v, g, s0, chunk: int):
     k_end = K * torch.exp((g_end[..., None, :] - Gc).to(dt))
     U = k_end.transpose(-1, -2) @ V  # (B, H, n, K, V)
     carry = torch.exp((g_end - g_start).to(dt))[..., None]  # (B|1, H, n, K'|1, 1)
+    # unbind, not U[:, :, m]: a select's backward writes a full-size zero tensor per step (O(n^2))
     state, before = s0, []
-    for m in range(n):
+    for carry_m, U_m in zip(carry.unbind(2), U.unbind(2)):
         before.append(state)
-        state = carry[:, :, m] * state + U[:, :, m]
+        state = carry_m * state + U_m
     S = torch.stack(before, 2)
     q_start = Q * torch.exp((Gc - g_start[..., None, :]).to(dt))
     o = o + q_start @ S

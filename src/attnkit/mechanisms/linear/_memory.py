@@ -139,8 +139,7 @@ def coefficients(theta: Tensor, rho: Tensor, mu: Tensor):
     c, d, e = one, torch.zeros_like(one), one
     A = B = torch.zeros(*theta.shape, dtype=theta.dtype, device=theta.device)
     cs, ds, es, As, Bs = [], [], [], [], []
-    for i in range(b):
-        th, r, m = theta[..., i], rho[..., i], mu[..., i]
+    for i, (th, r, m) in enumerate(zip(theta.unbind(-1), rho.unbind(-1), mu.unbind(-1))):
         e = m * e
         B = m[..., None] * B + th[..., None] * eye[i]
         c = r * c

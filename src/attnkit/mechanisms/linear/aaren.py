@@ -119,22 +119,23 @@ def _finish(u, w):
     return torch.where((u == 0)[..., None], torch.zeros_like(w), w / safe[..., None])
 
 
-def _leaf_chunk(call, q, k, v, lo, hi):
-    """``(m, u, w)`` of keys ``lo..hi-1`` for every query."""
-    s = (q @ k[:, :, lo:hi].transpose(-1, -2)) * call.scale
-    seen = _visible(call, lo, hi, q.device)
+def _leaf_chunk(call, q, k, v, lo):
+    """``(m, u, w)`` of the keys ``k, v`` at positions ``lo..`` for every query."""
+    s = (q @ k.transpose(-1, -2)) * call.scale
+    seen = _visible(call, lo, lo + k.shape[2], q.device)
     if seen is not None:
         s = s.masked_fill(~seen, float("-inf"))
     m = s.amax(-1)
     p = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m)[..., None])
-    return m, p.sum(-1), p @ v[:, :, lo:hi]
+    return m, p.sum(-1), p @ v
 
 
 def _per_query_chunked(call, q, k, v, chunk):
     B, H, Lq, _ = q.shape
     acc = (q.new_full((B, H, Lq), float("-inf")), q.new_zeros(B, H, Lq), q.new_zeros(B, H, Lq, v.shape[-1]))
-    for lo in range(0, call.k_len, chunk):
-        acc = combine(acc, _leaf_chunk(call, q, k, v, lo, min(lo + chunk, call.k_len)))
+    # split, not k[:, :, lo:hi] per step: one backward op instead of a full-size zero gradient per chunk
+    for i, (k_c, v_c) in enumerate(zip(k.split(chunk, 2), v.split(chunk, 2))):
+        acc = combine(acc, _leaf_chunk(call, q, k_c, v_c, i * chunk))
     return _finish(acc[1], acc[2])
 
 

@@ -135,10 +135,9 @@ def chunked(q, k, v, f, chunk: int, scale: float, rope: bool, state: RATState):
         hk = torch.cat([state.key[:, :, None], hk[:, :, 1:]], 2)
         hv = torch.cat([state.value[:, :, None], hv[:, :, 1:]], 2)
     ks, vs = [], []
-    for p in range(chunk):
-        g = G[:, :, :, p]
-        hk = g * hk + (1 - g) * K[:, :, :, p]
-        hv = g * hv + (1 - g) * V[:, :, :, p]
+    for g, k_p, v_p in zip(G.unbind(3), K.unbind(3), V.unbind(3)):  # unbind: one backward op, not one per step
+        hk = g * hk + (1 - g) * k_p
+        hv = g * hv + (1 - g) * v_p
         ks.append(hk)
         vs.append(hv)
     hk_all = torch.stack(ks, 3).view(B, H, n * chunk, D)
