@@ -134,12 +134,13 @@ class Selection:
         """Exact attention on this selection (``ak.attend`` of the method without re-selecting)."""
         from .backends.base import require, select
         from .call import AttentionCall
-        from .mechanisms.sparse.base import SELECTION_ENGINES
+        from .registry import get_method
 
         self._check_inputs(query, key)
         call = AttentionCall.build(query, key, value, None, 0.0, self.is_causal, scale,
                                    query.shape[1] != key.shape[1])
-        engine, why = select(self.method, call.pattern, SELECTION_ENGINES, call, self, backend)
+        engines = get_method(self.method).engines()
+        engine, why = select(self.method, call.pattern, engines, call, self, backend)
         return require(engine, why).run(call, self)
 
     # -- internals ----------------------------------------------------------------------------

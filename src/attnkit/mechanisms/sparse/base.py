@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ...backends.gather import GatherEngine
 from ...call import AttentionCall
 from ...errors import OptionError
 from ...options import Option
@@ -192,11 +193,19 @@ def _permute(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 
 SELECTION_ENGINES = tuple(SelectionEngine(e) for e in MASK_ENGINES)
+# methods whose selection is per query (BlockSelection with block_q = 1) also offer ``gather``,
+# last: ``auto`` keeps the mask engines (see backends/gather.py)
+PER_QUERY_ENGINES = SELECTION_ENGINES + (SelectionEngine(GatherEngine()),)
+PER_QUERY_BACKENDS = tuple(e.name for e in PER_QUERY_ENGINES)
 
 
 class DynamicMethod(PatternMethod):
     """Base of training-free dynamic-sparsity methods. Subclasses implement ``select(call)``
-    and ``check_options(call)`` (cross-option checks that need the call's shapes)."""
+    and ``check_options(call)`` (cross-option checks that need the call's shapes); a method
+    whose selection is per query sets ``per_query = True`` (and ``PER_QUERY_BACKENDS``) to add
+    the ``gather`` engine."""
+
+    per_query = False
 
     def select(self, call: AttentionCall) -> Selection:
         raise NotImplementedError
@@ -205,7 +214,7 @@ class DynamicMethod(PatternMethod):
         """Raise OptionError for invalid option combinations (no selection work here)."""
 
     def engines(self):
-        return SELECTION_ENGINES
+        return PER_QUERY_ENGINES if self.per_query else SELECTION_ENGINES
 
     def validate(self, call: AttentionCall) -> None:
         self.check_options(call)

@@ -43,9 +43,9 @@ from ...patterns.interval import Full
 from ...patterns.plan import cdiv
 from ...patterns.selection import BlockSelection
 from ...registry import MethodInfo, options, register
-from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS
-from .base import (DynamicMethod, budget_from_density, by_query_head, density_option, key_means,
-                   resolve_budget, rows_per_chunk, top_k_mask)
+from ..pattern_method import BLOCK_SIZE
+from .base import (PER_QUERY_BACKENDS, DynamicMethod, budget_from_density, by_query_head, density_option,
+                   key_means, resolve_budget, rows_per_chunk, top_k_mask)
 
 DEFAULT_TOP_K = 64
 
@@ -55,7 +55,7 @@ class Kinetics(DynamicMethod):
     info = MethodInfo(
         name="kinetics", family="D", kind="exact", patterns=CAUSAL_PATTERNS, decode=True, seed=(34,),
         summary="Kinetics block top-k: sinks + local window + top-k chunks by mean logit (decoding)",
-        backends=MASK_BACKENDS,
+        backends=PER_QUERY_BACKENDS,
         options=options(
             Option("chunk_size", "int", 16, "keys per scored chunk (attn_block_size)", low=1),
             Option("top_k", "int", None, f"dynamic chunks kept per query and kv head (topk_block; default "
@@ -66,6 +66,8 @@ class Kinetics(DynamicMethod):
             BLOCK_SIZE),
         references="Sadhukhan et al. 2025, Kinetics (arXiv 2506.05333); github.com/Infini-AI-Lab/Kinetics "
                    "LiteSys/litesys/attention/sparsity_utils.py")
+
+    per_query = True
 
     def check_options(self, call):
         resolve_budget(self.info.name, call.options, "top_k", DEFAULT_TOP_K)

@@ -42,9 +42,9 @@ from ...options import Option
 from ...patterns.interval import Full
 from ...patterns.selection import BlockSelection
 from ...registry import MethodInfo, options, register
-from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS
-from .base import (DynamicMethod, budget_from_density, by_query_head, density_option, key_means,
-                   resolve_budget, rows_per_chunk, top_k_mask)
+from ..pattern_method import BLOCK_SIZE
+from .base import (PER_QUERY_BACKENDS, DynamicMethod, budget_from_density, by_query_head, density_option,
+                   key_means, resolve_budget, rows_per_chunk, top_k_mask)
 
 DEFAULT_TOP_K = 12
 
@@ -54,7 +54,7 @@ class MoBA(DynamicMethod):
     info = MethodInfo(
         name="moba", family="D", kind="exact", patterns=CAUSAL_PATTERNS, decode=True, seed=(2, 37),
         summary="MoBA: each query attends its own chunk + the top-k past chunks by q·mean(key)",
-        backends=MASK_BACKENDS,
+        backends=PER_QUERY_BACKENDS,
         options=options(
             Option("chunk_size", "int", 4096, "keys per chunk (the paper's block; moba_chunk_size)", low=1),
             Option("top_k", "int", None, f"chunks each query attends, its own included (moba_topk; "
@@ -62,6 +62,8 @@ class MoBA(DynamicMethod):
             density_option("each query's visible chunks (its own + the complete past ones)"),
             BLOCK_SIZE),
         references="Lu et al. 2025, MoBA (arXiv 2502.13189); github.com/MoonshotAI/MoBA moba/moba_naive.py")
+
+    per_query = True
 
     def check_options(self, call):
         resolve_budget(self.info.name, call.options, "top_k", DEFAULT_TOP_K)

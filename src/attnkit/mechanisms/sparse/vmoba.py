@@ -56,8 +56,8 @@ from ...errors import OptionError
 from ...options import Option
 from ...patterns.selection import BlockSelection, PermutedPattern
 from ...registry import MethodInfo, options, register
-from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS
-from .base import DynamicMethod, by_query_head, density_option, key_means, top_k_mask
+from ..pattern_method import BLOCK_SIZE
+from .base import PER_QUERY_BACKENDS, DynamicMethod, by_query_head, density_option, key_means, top_k_mask
 from ..patterns._grid import bench_grid
 
 PARTITIONS = ("1d", "2d", "3d")
@@ -70,7 +70,7 @@ class VMoBA(DynamicMethod):
     info = MethodInfo(
         name="vmoba", family="D", kind="exact", patterns=frozenset({"noncausal-self"}), seed=(37,),
         summary="VMoBA: MoBA on video grids with 1-D/2-D/3-D chunks, top-k or cumulative-threshold routing",
-        backends=MASK_BACKENDS,
+        backends=PER_QUERY_BACKENDS,
         options=options(
             Option("grid", "ints", None, "token grid (frames, height, width) in row-major order; "
                    "(height, width) means one frame", low=1, nullable=True),
@@ -96,6 +96,8 @@ class VMoBA(DynamicMethod):
         references="Wu et al. 2025, VMoBA (arXiv 2506.23858); github.com/KwaiVGI/VMoBA src/vmoba.py")
 
     # -- options ----------------------------------------------------------------------------------
+    per_query = True
+
     def check_options(self, call):
         self._layout(call)
         self._mode(call.options)

@@ -1,0 +1,137 @@
+"""The ``gather`` engine (backends/gather.py): per-query block selections computed on the kept
+key blocks only. Once a selection is fixed, the output and the q/k/v gradients equal the float64
+oracle with the selection's mask (GQA, scale, B > 1, bf16, key_shift, empty rows, awkward
+lengths, chunked queries); any other pattern gets a reason from ``can_run``."""
+
+import pytest
+import torch
+
+import attnkit as ak
+from attnkit.backends import gather as gather_mod
+from attnkit.backends.gather import GatherEngine
+from attnkit.backends.mask_spec import MaskSpec
+from attnkit.call import AttentionCall
+from attnkit.patterns import BlockSelection, BlockWindow
+from attnkit.patterns.interval import Full, SlidingWindow
+from helpers import inputs, rel_err
+
+OPTS = {"moba": {"chunk_size": 7, "density": 0.3}, "kinetics": {"chunk_size": 5, "sink": 2, "local": 3, "density": 0.3},
+        "vmoba": {"density": 0.3}}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_pattern(pattern, q, k, v, causal=False, scale=None):
+    call = AttentionCall.build(q, k, v, None, 0.0, causal, scale, q.shape[1] != k.shape[1])
+    spec = MaskSpec(pattern)
+    assert GatherEngine().can_run(call, spec) is None
+    return GatherEngine().run(call, spec)
+
+
+def random_selection(B, H, Lq, Lk, bk, shift=0, p=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = -(-(Lk + shift) // bk)
+    return BlockSelection(torch.rand(B, H, Lq, n, generator=g) < p, 1, bk, key_shift=shift)
+
+
+@pytest.mark.parametrize("name", ["moba", "kinetics", "vmoba"])
+@pytest.mark.parametrize("L", [1, 63, 500])
+def test_methods_equal_oracle_on_their_selection(name, L):
+    q, k, v = inputs(B=2, H=4, Hkv=2, Lq=L, D=48, seed=L)
+    causal = name != "vmoba"
+    opts = dict(OPTS[name], grid=(1, 1, L)) if name == "vmoba" else OPTS[name]
+    sel = ak.select(q, k, v, is_causal=causal, enable_gqa=True, scale=0.3, method=name, **opts)
+    want = ak.reference(q, k, v, mask=sel.mask(), scale=0.3)
+    got = ak.attend(q, k, v, is_causal=causal, enable_gqa=True, scale=0.3, method=name, backend="gather", **opts)
+    assert rel_err(got, want) <= 1e-12
+    assert rel_err(sel.attend(q, k, v, scale=0.3, backend="gather"), want) <= 1e-12
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lq,lk,bk,shift", [(1, 1, 1, 0), (9, 30, 4, 0), (30, 9, 4, 3), (37, 37, 5, 2), (16, 40, 40, 0)])
+def test_block_selections_with_shift_causal_and_empty_rows(causal, lq, lk, bk, shift):
+    q, k, v = inputs(B=2, H=3, Hkv=1, Lq=lq, Lk=lk, D=8, Dv=5, seed=3)
+    sel = random_selection(1, 3, lq, lk, bk, shift, seed=lq)
+    pattern = sel & Full(causal=True) if causal else sel
+    mask = pattern.dense(lq, lk)
+    got = run_pattern(pattern, q, k, v, causal=causal)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, ak.reference(q, k, v, mask=mask)) <= 1e-12
+    empty = ~mask.expand(2, 3, lq, lk).any(-1)
+    assert (got[empty] == 0).all()
+
+
+def test_fully_masked_selection_gives_zeros_and_zero_grads():
+    q, k, v = inputs(B=1, H=2, Hkv=2, Lq=10, D=8, grad=True)
+    pattern = BlockSelection(torch.zeros(1, 1, 10, 3, dtype=torch.bool), 1, 4)
+    out = run_pattern(pattern, q, k, v)
+    assert (out == 0).all()
+    out.sum().backward()
+    assert all((t.grad == 0).all() for t in (q, k, v))
+
+
+def test_chunked_queries_equal_one_chunk(monkeypatch):
+    q, k, v = inputs(B=2, H=4, Hkv=2, Lq=70, D=16, seed=5, grad=True)
+    pattern = random_selection(2, 4, 70, 70, 6, 1, seed=5) & Full(causal=True)
+    ref = ak.reference(q, k, v, mask=pattern.dense(70, 70))
+    w = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    monkeypatch.setattr(gather_mod, "GATHER_BUDGET", 2 * 4 * 6 * 16 * 3)  # a few rows per chunk
+    out = run_pattern(pattern, q, k, v, causal=True)
+    assert rel_err(out, ref) <= 1e-12
+    for g, r in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), want):
+        assert rel_err(g, r) <= 1e-12
+
+
+def test_gradcheck_float64():
+    q, k, v = inputs(B=1, H=2, Hkv=1, Lq=9, D=4, grad=True, seed=6)
+    pattern = random_selection(1, 2, 9, 9, 2, 1, p=0.5, seed=6) & Full(causal=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: run_pattern(pattern, a, b, c, causal=True, scale=0.7),
+                                    (q, k, v))
+
+
+@pytest.mark.parametrize("name", ["moba", "kinetics"])
+def test_float32_gradients_match_oracle(name):
+    q, k, v = inputs(B=2, H=4, Hkv=2, Lq=63, D=48, dtype=torch.float32, grad=True, seed=7)
+    sel = ak.select(q, k, v, is_causal=True, enable_gqa=True, method=name, **OPTS[name])
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = ak.reference(q64, k64, v64, mask=sel.mask())
+    w = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * w).sum(), (q64, k64, v64))
+    out = ak.attend(q, k, v, is_causal=True, enable_gqa=True, method=name, backend="gather", **OPTS[name])
+    assert out.dtype == torch.float32 and rel_err(out, ref) <= 1e-5
+    for g, r in zip(torch.autograd.grad((out * w.float()).sum(), (q, k, v)), want):
+        assert rel_err(g, r) <= 1e-4
+
+
+def test_bfloat16_computes_in_float32():
+    q, k, v = inputs(B=1, H=4, Hkv=2, Lq=64, D=16, dtype=torch.bfloat16, seed=8)
+    sel = ak.select(q, k, v, is_causal=True, enable_gqa=True, method="moba", **OPTS["moba"])
+    out = ak.attend(q, k, v, is_causal=True, enable_gqa=True, method="moba", backend="gather", **OPTS["moba"])
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel_err(out, ak.reference(q, k, v, mask=sel.mask())) <= 1e-2
+
+
+def test_other_patterns_get_a_reason():
+    q, k, v = inputs(B=1, H=2, Hkv=2, Lq=12, D=8)
+    call = AttentionCall.build(q, k, v, None, 0.0, True, None, False)
+    sel = random_selection(1, 2, 12, 12, 3)
+    engine = GatherEngine()
+    assert "block_q=4" in engine.can_run(call, MaskSpec(BlockSelection(torch.ones(3, 4, dtype=torch.bool), 4, 3)))
+    for pattern in [Full(causal=True), SlidingWindow(2, 0, True) & sel,
+                    (sel | BlockWindow(3, 1)) & Full(causal=True)]:  # hip's form
+        assert "per-query BlockSelection" in engine.can_run(call, MaskSpec(pattern))
+    assert "score modification" in engine.can_run(call, MaskSpec(sel, score_mod=lambda s, *a: s))
+    masked = AttentionCall.build(q, k, v, torch.ones(12, 12, dtype=torch.bool), 0.0, False, None, False)
+    assert "attn_mask" in engine.can_run(masked, MaskSpec(sel))
+    # methods whose selection is not per query do not list the engine; auto keeps its old choice
+    assert "gather" not in ak.method_info("hip").backends and "gather" in ak.method_info("moba").backends
+    with pytest.raises(ak.BackendUnavailableError, match="gather"):
+        ak.attend(q, k, v, is_causal=True, method="h2o", backend="gather")
+    assert ak.explain(q, k, v, is_causal=True, method="moba", chunk_size=4).backend == "blocksparse"
