@@ -33,6 +33,9 @@ a 128-row tile cover most key tiles unless neighbouring queries choose alike —
 the tile density (``Selection.tile_density()``) is close to dense even at 10 % kept pairs. The
 official MoBA / VMoBA kernels gather, for each key chunk, the queries that chose it (varlen
 FlashAttention); attnkit's tile engines do not, so their attention time follows the tile density.
+Methods whose executed pattern is a per-query selection (moba, kinetics, vmoba: ``per_query``)
+also offer the ``gather`` engine (:mod:`attnkit.backends.gather`), whose work follows the kept
+key blocks instead; it is listed last, so ``backend="auto"`` does not pick it.
 
 What a method always keeps on top (its own chunk, sinks, windows, the query itself) is outside
 the budget, so the kept density of a call (``Selection.density()``) is at least the target.
