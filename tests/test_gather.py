@@ -54,7 +54,8 @@ def test_methods_equal_oracle_on_their_selection(name, L):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("lq,lk,bk,shift", [(1, 1, 1, 0), (9, 30, 4, 0), (30, 9, 4, 3), (37, 37, 5, 2), (16, 40, 40, 0)])
+@pytest.mark.parametrize("lq,lk,bk,shift", [(1, 1, 1, 0), (9, 30, 4, 0), (30, 9, 4, 3), (37, 37, 5, 2),
+                                             (16, 40, 40, 0)])
 def test_block_selections_with_shift_causal_and_empty_rows(causal, lq, lk, bk, shift):
     q, k, v = inputs(B=2, H=3, Hkv=1, Lq=lq, Lk=lk, D=8, Dv=5, seed=3)
     sel = random_selection(1, 3, lq, lk, bk, shift, seed=lq)
@@ -76,13 +77,14 @@ def test_fully_masked_selection_gives_zeros_and_zero_grads():
     assert all((t.grad == 0).all() for t in (q, k, v))
 
 
-def test_chunked_queries_equal_one_chunk(monkeypatch):
+@pytest.mark.parametrize("budget", [1, 2 * 4 * 6 * 16 * 3])  # one piece per batch / a few rows per chunk
+def test_chunked_queries_equal_one_chunk(monkeypatch, budget):
     q, k, v = inputs(B=2, H=4, Hkv=2, Lq=70, D=16, seed=5, grad=True)
     pattern = random_selection(2, 4, 70, 70, 6, 1, seed=5) & Full(causal=True)
     ref = ak.reference(q, k, v, mask=pattern.dense(70, 70))
     w = torch.randn_like(ref)
     want = torch.autograd.grad((ref * w).sum(), (q, k, v))
-    monkeypatch.setattr(gather_mod, "GATHER_BUDGET", 2 * 4 * 6 * 16 * 3)  # a few rows per chunk
+    monkeypatch.setattr(gather_mod, "GATHER_BUDGET", budget)
     out = run_pattern(pattern, q, k, v, causal=True)
     assert rel_err(out, ref) <= 1e-12
     for g, r in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), want):

@@ -4,18 +4,20 @@ Dynamic methods such as MoBA (Lu et al. 2025, arXiv 2502.13189) and Kinetics pic
 *per query*: their pattern is ``BlockSelection(tiles, block_q=1, block_k=C)``, often AND-ed with
 the causal rule. On 128x128 tiles nearly every tile is partial (neighbouring queries choose
 differently), so the tile engines compute about as much as dense attention. The official MoBA
-kernel (MoonshotAI/MoBA, ``moba_efficient.py``) avoids this with a varlen gather of the queries
-that chose each key block. This engine takes the other side of the same idea, in plain PyTorch:
-for a chunk of queries it gathers, for each query, the keys and values of its selected blocks
-``(B, H, rows, blocks x C, D)`` and runs one exact softmax over them (the causal cut inside the
-query's own block and the key range are masked there). Work and memory follow the kept blocks
-(padded to the largest count in the chunk); no ``Lq x Lk`` tensor is built. Query chunks keep
-the gathered block under ``GATHER_BUDGET`` elements.
+kernel (MoonshotAI/MoBA, ``moba_efficient.py``) instead gathers, for each key block, the queries
+that selected it (varlen FlashAttention) and merges the partial results by log-sum-exp. This
+engine does the same in plain PyTorch. For a chunk of query rows it lists the selected
+(query, key block) pairs sorted by key block (one kv head: GQA heads share it) and cuts each
+block's queries into *pieces* of up to ``P`` rows; a piece is one small GEMM of its gathered
+queries ``(P, D)`` with its key block ``(C, D)``, masked by the key range, ``key_shift`` and the
+causal cut inside a query's own block. Each query row appears in one piece per kept block, and
+its pieces are merged with an online softmax. Work and memory follow the kept blocks; no
+``Lq x Lk`` tensor is built, and each batch of pieces stays under ``GATHER_BUDGET`` elements.
 
-The backward pass is a custom autograd function: it recomputes each chunk's probabilities from
-the saved log-sum-exp and scatters the key / value gradients back with ``index_add_`` (GQA heads
-add into their shared kv head). Rows with no visible key give zeros (and zero gradients).
-Inputs in bf16 / fp16 / fp32 compute in float32, float64 in float64.
+The backward pass is a custom autograd function: it recomputes each piece's probabilities from
+the saved log-sum-exp and adds the gradients back with ``index_add_`` (queries by row, keys and
+values by block). Rows with no visible key give zeros (and zero gradients). Inputs in bf16 / fp16 /
+fp32 compute in float32, float64 in float64.
 
 Runs only such patterns (``can_run`` names what it got otherwise): a ``BlockSelection`` with
 ``block_q = 1`` (any ``key_shift``), alone or ``& Full(causal=...)``; no score modification,
@@ -33,8 +35,8 @@ from ..patterns.plan import cdiv
 from ..patterns.selection import BlockSelection
 from .mask_spec import MaskSpec
 
-# elements of one gathered key (or value) block (B, H, rows, kept keys, D) built at once
-GATHER_BUDGET = 1 << 22
+# elements of one batch of pieces: gathered queries and key blocks (pieces x (P + C) x D), scores
+GATHER_BUDGET = 1 << 24
 
 
 def per_query_parts(pattern: Pattern) -> tuple[BlockSelection | None, Full | None, str | None]:
@@ -54,9 +56,11 @@ def per_query_parts(pattern: Pattern) -> tuple[BlockSelection | None, Full | Non
 
 
 class _Plan:
-    """Per-call facts shared by forward and backward."""
+    """Per-call facts shared by forward and backward. Work goes in *pieces*: up to ``P`` (query
+    row, key block) pairs of one key block (one kv head), so a piece is a small GEMM
+    ``(P, D) x (D, bk)``; each query row appears in one piece per selected block."""
 
-    def __init__(self, call: AttentionCall, sel: BlockSelection, full: Full | None):
+    def __init__(self, call: AttentionCall, sel: BlockSelection, full: Full | None, width: int):
         self.tiles = sel.tiles.to(call.device)  # (Bp, Hp, Lq, nK)
         self.bk, self.shift = sel.block_k, sel.key_shift
         self.q_len, self.k_len = call.q_len, call.k_len
@@ -65,47 +69,54 @@ class _Plan:
         self.scale, self.group = call.scale, call.group
         self.B, self.H = call.batch, call.heads
         self.n_blocks = cdiv(call.k_len + self.shift, self.bk)
+        self.width = max(width, self.bk)
 
-    def chunks(self, width: int):
-        """``(r0, r1, ids, keep)``: query rows [r0, r1), their selected block ids ``(B, H, R, M)``
-        and which gathered keys are visible ``(B, H, R, M * bk)``; ``M`` is the chunk's largest
-        count. ``width``: the larger of D and Dv (sizes the chunk)."""
-        counts = self.tiles.sum(-1).amax(dim=(0, 1))  # (Lq,) the most blocks any (b, h) keeps per row
-        unit = self.B * self.H * self.bk * width
+    def row_chunks(self):
+        """Query rows ``[r0, r1)`` whose (row, block) pairs, gathered, and whose tile rows
+        ``(B, H, R, nBlocks)`` stay under the budget."""
+        spread = self.B * self.H // (self.tiles.shape[0] * self.tiles.shape[1])
+        total = torch.cumsum(self.tiles.sum(-1).sum(dim=(0, 1)) * spread, 0)  # pairs up to each row
+        step = max(1, GATHER_BUDGET // (2 * self.width))  # pairs per chunk (padding may double them)
+        most_rows = max(1, GATHER_BUDGET // (self.B * self.H * self.n_blocks))
         r0 = 0
         while r0 < self.q_len:
-            rows = max(1, GATHER_BUDGET // (unit * max(1, int(counts[r0]))))
-            while True:
-                m = max(1, int(counts[r0:r0 + rows].max()))
-                fit = max(1, GATHER_BUDGET // (unit * m))
-                if fit >= rows:
-                    break
-                rows = fit
-            r1 = min(self.q_len, r0 + rows)
-            yield (r0, r1, *self._ids(r0, r1, int(counts[r0:r1].max())))
+            base = int(total[r0 - 1]) if r0 else 0
+            r1 = int(torch.searchsorted(total, base + step, right=True))
+            r1 = min(self.q_len, r0 + most_rows, max(r1, r0 + 1))
+            yield r0, r1
             r0 = r1
 
-    def _ids(self, r0: int, r1: int, m: int):
-        t = self.tiles[:, :, r0:r1]
-        dev = t.device
-        if m == 0:
-            shape = (self.B, self.H, r1 - r0, 0)
-            return torch.zeros(shape, dtype=torch.long, device=dev), torch.zeros(shape, dtype=torch.bool, device=dev)
-        vals, ids = t.to(torch.int8).topk(m, dim=-1)  # the selected blocks first
-        ids = ids.expand(self.B, self.H, -1, -1)
-        kpos = ids[..., None] * self.bk - self.shift + torch.arange(self.bk, device=dev)  # (B,H,R,M,bk)
-        keep = (vals > 0).expand(self.B, self.H, -1, -1)[..., None] & (kpos >= 0) & (kpos < self.k_len)
-        if self.causal:
-            qa = torch.arange(r0, r1, device=dev).view(1, 1, -1, 1, 1) + self.offset
-            keep = keep & (kpos <= qa)
-        return ids, keep.flatten(3)
+    def pieces(self, r0: int, r1: int):
+        """For rows ``[r0, r1)``: rows ``(n, P)`` of the chunk's ``(B * H * R)`` queries (-1:
+        padding) and the key block ``(n,)`` of ``(B * Hk * nBlocks)`` of each piece, in batches
+        whose gathered blocks stay under the budget; empty when nothing is selected."""
+        B, H, g, R, nK = self.B, self.H, self.group, r1 - r0, self.n_blocks
+        t = self.tiles[:, :, r0:r1].expand(B, H, R, nK).reshape(B, H // g, g, R, nK)
+        b, hk, c, hg, i = t.permute(0, 1, 4, 2, 3).nonzero(as_tuple=True)  # sorted by key block
+        if b.numel() == 0:
+            return []
+        kid = (b * (H // g) + hk) * nK + c
+        qrow = (b * H + hk * g + hg) * R + i
+        counts = torch.bincount(kid, minlength=B * (H // g) * nK)
+        used = counts[counts > 0]
+        P = min(64, 1 << max(0, int(cdiv(int(used.sum()), used.numel()) - 1).bit_length()))
+        n_pieces = torch.div(counts + P - 1, P, rounding_mode="floor")
+        rank = torch.arange(kid.numel(), device=kid.device) - (torch.cumsum(counts, 0) - counts)[kid]
+        piece = (torch.cumsum(n_pieces, 0) - n_pieces)[kid] + torch.div(rank, P, rounding_mode="floor")
+        rows = torch.full((int(n_pieces.sum()), P), -1, dtype=torch.long, device=kid.device)
+        rows[piece, rank % P] = qrow
+        blocks = torch.repeat_interleave(torch.arange(counts.numel(), device=kid.device), n_pieces)
+        step = max(1, GATHER_BUDGET // ((self.bk + P) * self.width))
+        return [(rows[j:j + step], blocks[j:j + step]) for j in range(0, blocks.numel(), step)]
 
-    def flat_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Block ids ``(B, H, R, M)`` -> rows of the ``(B * Hk * nBlocks, bk, D)`` block table."""
-        hk = self.H // self.group
-        b = torch.arange(self.B, device=ids.device).view(-1, 1, 1, 1)
-        h = torch.arange(self.H, device=ids.device).view(1, -1, 1, 1) // self.group
-        return ((b * hk + h) * self.n_blocks + ids).reshape(-1)
+    def keep(self, rows: torch.Tensor, blocks: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Visible (row, key) pairs of the pieces ``(n, P, bk)`` of rows ``[r0, r1)``."""
+        kpos = (blocks % self.n_blocks)[:, None] * self.bk - self.shift + torch.arange(self.bk, device=rows.device)
+        keep = (rows >= 0)[:, :, None] & ((kpos >= 0) & (kpos < self.k_len))[:, None, :]
+        if self.causal:
+            qa = rows % (r1 - r0) + r0 + self.offset
+            keep = keep & (kpos[:, None, :] <= qa[:, :, None])
+        return keep
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, Hk, Lk, D)`` -> ``(B * Hk * nBlocks, bk, D)``, zero-padded (key_shift in front)."""
@@ -113,33 +124,42 @@ class _Plan:
         x = torch.nn.functional.pad(x, (0, 0, self.shift, self.n_blocks * self.bk - L - self.shift))
         return x.reshape(B * Hk * self.n_blocks, self.bk, D)
 
-    def gather(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Gathered keys (or values) ``(B, H, R, M * bk, D)``."""
-        B, H, R, M = ids.shape
-        return table[self.flat_ids(ids)].view(B, H, R, M * self.bk, table.shape[-1])
+
+def _scores(plan: _Plan, qc, kt, rows, blocks, r0, r1):
+    """Masked scaled scores ``(n, P, bk)`` and the gathered queries and keys of the pieces."""
+    qp, kp = qc[rows.clamp(min=0)], kt[blocks]
+    s = torch.bmm(qp, kp.transpose(1, 2)) * plan.scale
+    return s.masked_fill(~plan.keep(rows, blocks, r0, r1), float("-inf")), qp, kp
 
 
-def _probs(plan: _Plan, q, kg, keep, lse=None):
-    """Scaled scores -> probabilities (with the given log-sum-exp, else a fresh one)."""
-    s = torch.einsum("bhrd,bhrnd->bhrn", q, kg) * plan.scale
-    s = s.masked_fill(~keep, float("-inf"))
-    if lse is None:
-        lse = torch.logsumexp(s, dim=-1)  # -inf for rows with no visible key
-    safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
-    return torch.exp(s - safe[..., None]), lse  # exp(-inf) = 0 off the mask and on empty rows
+def _rows(x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Query rows ``[r0, r1)`` of ``(B, H, L, D)`` as ``(B * H * R, D)``."""
+    return x[:, :, r0:r1].reshape(-1, x.shape[-1])
 
 
 class _GatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, q, k, v):
         kt, vt = plan.blocks(k), plan.blocks(v)
-        out = q.new_zeros(*q.shape[:3], v.shape[-1])
-        lse = q.new_full(q.shape[:3], float("-inf"))
-        for r0, r1, ids, keep in plan.chunks(max(q.shape[-1], v.shape[-1])):
-            if ids.shape[-1] == 0:
-                continue
-            p, lse[:, :, r0:r1] = _probs(plan, q[:, :, r0:r1], plan.gather(kt, ids), keep)
-            out[:, :, r0:r1] = torch.einsum("bhrn,bhrnd->bhrd", p, plan.gather(vt, ids))
+        B, H, Lq, Dv = *q.shape[:3], v.shape[-1]
+        out = q.new_zeros(B, H, Lq, Dv)
+        lse = q.new_full((B, H, Lq), float("-inf"))
+        for r0, r1 in plan.row_chunks():
+            qc = _rows(q, r0, r1)
+            m_run = q.new_full(qc.shape[:1], float("-inf"))  # online softmax over batches of pieces
+            l_run, acc = torch.zeros_like(m_run), q.new_zeros(qc.shape[0], Dv)
+            for rows, blocks in plan.pieces(r0, r1):
+                s, _, _ = _scores(plan, qc, kt, rows, blocks, r0, r1)
+                flat = rows.clamp(min=0)
+                m_new = m_run.scatter_reduce(0, flat.reshape(-1), s.amax(-1).reshape(-1), "amax")
+                m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+                p = torch.exp(s - m_safe[flat][..., None])  # 0 off the mask and on padding slots
+                alpha = torch.exp(m_run - m_safe)
+                l_run = (l_run * alpha).index_add_(0, flat.reshape(-1), p.sum(-1).reshape(-1))
+                acc = (acc * alpha[:, None]).index_add_(0, flat.reshape(-1), torch.bmm(p, vt[blocks]).reshape(-1, Dv))
+                m_run = m_new
+            out[:, :, r0:r1] = (acc / l_run.clamp_min(torch.finfo(q.dtype).tiny)[:, None]).view(B, H, -1, Dv)
+            lse[:, :, r0:r1] = (m_run + torch.log(l_run)).view(B, H, -1)  # -inf for rows seeing nothing
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -150,20 +170,22 @@ class _GatherAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.to(q.dtype)
         kt, vt = plan.blocks(k), plan.blocks(v)
+        delta = (dout * out).sum(-1, keepdim=True)
+        lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf"))).unsqueeze(-1)
         dq, dkt, dvt = torch.zeros_like(q), torch.zeros_like(kt), torch.zeros_like(vt)
-        delta = (dout * out).sum(-1)  # (B, H, Lq)
-        for r0, r1, ids, keep in plan.chunks(max(q.shape[-1], v.shape[-1])):
-            if ids.shape[-1] == 0:
-                continue
-            qc, do = q[:, :, r0:r1], dout[:, :, r0:r1]
-            kg, vg = plan.gather(kt, ids), plan.gather(vt, ids)
-            p, _ = _probs(plan, qc, kg, keep, lse[:, :, r0:r1])
-            ds = p * (torch.einsum("bhrd,bhrnd->bhrn", do, vg) - delta[:, :, r0:r1, None])
-            dq[:, :, r0:r1] = torch.einsum("bhrn,bhrnd->bhrd", ds, kg) * plan.scale
-            flat = plan.flat_ids(ids)
-            dvt.index_add_(0, flat, (p[..., None] * do[:, :, :, None]).reshape(-1, plan.bk, v.shape[-1]))
-            dkt.index_add_(0, flat, (ds[..., None] * (qc * plan.scale)[:, :, :, None])
-                           .reshape(-1, plan.bk, q.shape[-1]))
+        for r0, r1 in plan.row_chunks():
+            qc, doc, dc, lc = (_rows(x, r0, r1) for x in (q, dout, delta, lse_safe))
+            dqc = torch.zeros_like(qc)
+            for rows, blocks in plan.pieces(r0, r1):
+                s, qp, kp = _scores(plan, qc, kt, rows, blocks, r0, r1)
+                flat = rows.clamp(min=0)
+                p = torch.exp(s - lc[flat])  # 0 off the mask, on padding and on empty rows
+                dop = doc[flat]
+                dvt.index_add_(0, blocks, torch.bmm(p.transpose(1, 2), dop))
+                ds = p * (torch.bmm(dop, vt[blocks].transpose(1, 2)) - dc[flat])
+                dqc.index_add_(0, flat.reshape(-1), (torch.bmm(ds, kp) * plan.scale).reshape(-1, qc.shape[-1]))
+                dkt.index_add_(0, blocks, torch.bmm(ds.transpose(1, 2), qp) * plan.scale)
+            dq[:, :, r0:r1] = dqc.view(*q.shape[:2], -1, q.shape[-1])
         B, Hk, Lk = k.shape[:3]
         dk = dkt.view(B, Hk, -1, k.shape[-1])[:, :, plan.shift:plan.shift + Lk]
         dv = dvt.view(B, Hk, -1, v.shape[-1])[:, :, plan.shift:plan.shift + Lk]
@@ -194,6 +216,6 @@ class GatherEngine:
         sel.check(call.q_len, call.k_len)
         sel.check_heads(call.batch, call.heads)
         wd = torch.float64 if call.dtype == torch.float64 else torch.float32
-        plan = _Plan(call, sel, full)
+        plan = _Plan(call, sel, full, max(call.query.shape[-1], call.value.shape[-1]))
         out = _GatherAttention.apply(plan, call.query.to(wd), call.key.to(wd), call.value.to(wd))
         return out.to(call.dtype)
