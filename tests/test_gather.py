@@ -132,8 +132,11 @@ def test_other_patterns_get_a_reason():
     assert "score modification" in engine.can_run(call, MaskSpec(sel, score_mod=lambda s, *a: s))
     masked = AttentionCall.build(q, k, v, torch.ones(12, 12, dtype=torch.bool), 0.0, False, None, False)
     assert "attn_mask" in engine.can_run(masked, MaskSpec(sel))
-    # methods whose selection is not per query do not list the engine; auto keeps its old choice
+    # methods whose selection is not per query do not list the engine; auto takes it on CPU only
     assert "gather" not in ak.method_info("hip").backends and "gather" in ak.method_info("moba").backends
     with pytest.raises(ak.BackendUnavailableError, match="gather"):
         ak.attend(q, k, v, is_causal=True, method="h2o", backend="gather")
-    assert ak.explain(q, k, v, is_causal=True, method="moba", chunk_size=4).backend == "blocksparse"
+    assert ak.explain(q, k, v, is_causal=True, method="moba", chunk_size=4).backend == "gather"
+    assert ak.explain(q, k, v, is_causal=True, method="hip").backend == "blocksparse"
+    assert "CPU only" in engine.auto_skip(call.__class__.build(q.to("meta"), k.to("meta"), v.to("meta"), None,
+                                                                0.0, True, None, False), MaskSpec(sel))
