@@ -22,9 +22,8 @@ fp32 compute in float32, float64 in float64.
 ``backend="auto"`` takes it on CPU, where it was measured faster than ``blocksparse`` for moba,
 kinetics and vmoba at every size and density tried (L = 64 to 16384, 5 % to dense); elsewhere
 it runs only when named, until measured there. Runs only such patterns (``can_run`` names what
-it got otherwise): a ``BlockSelection`` with
-``block_q = 1`` (any ``key_shift``), alone or ``& Full(causal=...)``; no score modification,
-``attn_mask`` or dropout.
+it got otherwise): a ``BlockSelection`` with ``block_q = 1`` (any ``key_shift``), alone or
+``& Full(causal=...)``; no score modification, ``attn_mask`` or dropout.
 """
 
 from __future__ import annotations
