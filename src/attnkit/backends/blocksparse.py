@@ -131,7 +131,7 @@ def _modified(t: _Tiles, s, grid, mod_tensors):
 _EXP_FLOOR = -80.0
 
 
-def _exp_below_max(x: torch.Tensor) -> torch.Tensor:
+def exp_below_max(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(x.clamp_min(_EXP_FLOOR))
 
 
@@ -150,7 +150,7 @@ def _forward(t: _Tiles, q, k, v, mod_tensors):
             s = _modified(t, s, grid, mod_tensors).masked_fill(~keep, float("-inf"))
             m_new = torch.maximum(m_run, s.amax(dim=(-2, -1)))
             m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-            p = torch.where(keep, _exp_below_max(s - m_safe[..., None, None]), 0.0)
+            p = torch.where(keep, exp_below_max(s - m_safe[..., None, None]), 0.0)
             alpha = torch.exp(m_run - m_safe)
             l_run = l_run * alpha + p.sum(dim=(-2, -1))
             vg = vb[grid[0][..., 0, 0], grid[1][..., 0, 0], idx]
@@ -190,7 +190,7 @@ def _backward(t: _Tiles, q, k, v, out, lse, dout, mod_tensors):
                     s = _modified(t, raw, grid, leaves)
             else:
                 s = raw
-            p = torch.where(keep, _exp_below_max(s.detach() - lse_safe[:, :, c0:c1, :, None, None]), 0.0)
+            p = torch.where(keep, exp_below_max(s.detach() - lse_safe[:, :, c0:c1, :, None, None]), 0.0)
             bi, hi = grid[0][..., 0, 0], grid[1][..., 0, 0]
             kg, vg = kb[bi, hi, idx], vb[bi, hi, idx]
             gidx = (base + idx).reshape(-1)

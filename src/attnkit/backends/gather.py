@@ -35,6 +35,7 @@ from ..patterns.base import Intersection, Pattern
 from ..patterns.interval import Full
 from ..patterns.plan import cdiv
 from ..patterns.selection import BlockSelection
+from .blocksparse import exp_below_max
 from .mask_spec import MaskSpec
 
 # elements of one batch of pieces: gathered queries and key blocks (pieces x (P + C) x D), scores
@@ -138,10 +139,10 @@ class _Plan:
 
 
 def _scores(plan: _Plan, qc, kt, rows, blocks, r0, r1):
-    """Masked scaled scores ``(n, P, bk)`` and the gathered queries and keys of the pieces."""
+    """Scaled scores ``(n, P, bk)`` of the pieces, their keep mask and the gathered queries and keys."""
     qp, kp = qc[rows.clamp(min=0)], kt[blocks]
     s = torch.bmm(qp, kp.transpose(1, 2)) * plan.scale
-    return s.masked_fill(~plan.keep(rows, blocks, r0, r1), float("-inf")), qp, kp
+    return s, plan.keep(rows, blocks, r0, r1), qp, kp
 
 
 def _rows(x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
@@ -161,11 +162,12 @@ class _GatherAttention(torch.autograd.Function):
             m_run = q.new_full(qc.shape[:1], float("-inf"))  # online softmax over batches of pieces
             l_run, acc = torch.zeros_like(m_run), q.new_zeros(qc.shape[0], Dv)
             for rows, blocks in plan.pieces(r0, r1):
-                s, _, _ = _scores(plan, qc, kt, rows, blocks, r0, r1)
+                s, keep, _, _ = _scores(plan, qc, kt, rows, blocks, r0, r1)
                 flat = rows.clamp(min=0)
-                m_new = m_run.scatter_reduce(0, flat.reshape(-1), s.amax(-1).reshape(-1), "amax")
+                row_max = s.masked_fill(~keep, float("-inf")).amax(-1)
+                m_new = m_run.scatter_reduce(0, flat.reshape(-1), row_max.reshape(-1), "amax")
                 m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-                p = torch.exp(s - m_safe[flat][..., None])  # 0 off the mask and on padding slots
+                p = torch.where(keep, exp_below_max(s - m_safe[flat][..., None]), 0.0)  # 0 on padding slots
                 alpha = torch.exp(m_run - m_safe)
                 l_run = (l_run * alpha).index_add_(0, flat.reshape(-1), p.sum(-1).reshape(-1))
                 acc = (acc * alpha[:, None]).index_add_(0, flat.reshape(-1), torch.bmm(p, vt[blocks]).reshape(-1, Dv))
@@ -182,16 +184,15 @@ class _GatherAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.to(q.dtype)
         kt, vt = plan.blocks(k), plan.blocks(v)
-        delta = (dout * out).sum(-1, keepdim=True)
-        lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf"))).unsqueeze(-1)
         dq, dkt, dvt = torch.zeros_like(q), torch.zeros_like(kt), torch.zeros_like(vt)
+        delta = (dout * out).sum(-1, keepdim=True)
         for r0, r1 in plan.row_chunks():
-            qc, doc, dc, lc = (_rows(x, r0, r1) for x in (q, dout, delta, lse_safe))
+            qc, doc, dc, lc = (_rows(x, r0, r1) for x in (q, dout, delta, lse.unsqueeze(-1)))
             dqc = torch.zeros_like(qc)
             for rows, blocks in plan.pieces(r0, r1):
-                s, qp, kp = _scores(plan, qc, kt, rows, blocks, r0, r1)
+                s, keep, qp, kp = _scores(plan, qc, kt, rows, blocks, r0, r1)
                 flat = rows.clamp(min=0)
-                p = torch.exp(s - lc[flat])  # 0 off the mask, on padding and on empty rows
+                p = torch.where(keep, exp_below_max(s - lc[flat]), 0.0)  # rows seeing nothing keep nothing
                 dop = doc[flat]
                 dvt.index_add_(0, blocks, torch.bmm(p.transpose(1, 2), dop))
                 ds = p * (torch.bmm(dop, vt[blocks].transpose(1, 2)) - dc[flat])
