@@ -33,10 +33,10 @@ a 128-row tile cover most key tiles unless neighbouring queries choose alike —
 the tile density (``Selection.tile_density()``) is close to dense even at 10 % kept pairs. The
 official MoBA / VMoBA kernels gather, for each key chunk, the queries that chose it (varlen
 FlashAttention); attnkit's tile engines do not, so their attention time follows the tile density.
-Methods whose executed pattern is a per-query selection (moba, kinetics, vmoba: ``per_query``)
-also offer the ``gather`` engine (:mod:`attnkit.backends.gather`), whose work follows the kept
-key blocks instead; ``backend="auto"`` picks it on CPU (measured faster than blocksparse there)
-and keeps flex on GPUs.
+Methods whose executed pattern is a per-query selection (moba, kinetics, vmoba: backends
+``PER_QUERY_BACKENDS``) also offer the ``gather`` engine (:mod:`attnkit.backends.gather`), whose
+work follows the kept key blocks instead; ``backend="auto"`` picks it on CPU (measured faster
+than blocksparse there) and keeps flex on GPUs.
 
 What a method always keeps on top (its own chunk, sinks, windows, the query itself) is outside
 the budget, so the kept density of a call (``Selection.density()``) is at least the target.
@@ -206,10 +206,8 @@ PER_QUERY_BACKENDS = tuple(e.name for e in PER_QUERY_ENGINES)
 class DynamicMethod(PatternMethod):
     """Base of training-free dynamic-sparsity methods. Subclasses implement ``select(call)``
     and ``check_options(call)`` (cross-option checks that need the call's shapes); a method
-    whose selection is per query sets ``per_query = True`` (and ``PER_QUERY_BACKENDS``) to add
-    the ``gather`` engine."""
-
-    per_query = False
+    whose selection is per query lists ``PER_QUERY_BACKENDS`` in its info to add the ``gather``
+    engine."""
 
     def select(self, call: AttentionCall) -> Selection:
         raise NotImplementedError
@@ -218,7 +216,7 @@ class DynamicMethod(PatternMethod):
         """Raise OptionError for invalid option combinations (no selection work here)."""
 
     def engines(self):
-        return PER_QUERY_ENGINES if self.per_query else SELECTION_ENGINES
+        return PER_QUERY_ENGINES if "gather" in self.info.backends else SELECTION_ENGINES
 
     def validate(self, call: AttentionCall) -> None:
         self.check_options(call)

@@ -67,8 +67,6 @@ class Kinetics(DynamicMethod):
         references="Sadhukhan et al. 2025, Kinetics (arXiv 2506.05333); github.com/Infini-AI-Lab/Kinetics "
                    "LiteSys/litesys/attention/sparsity_utils.py")
 
-    per_query = True
-
     def check_options(self, call):
         resolve_budget(self.info.name, call.options, "top_k", DEFAULT_TOP_K)
 

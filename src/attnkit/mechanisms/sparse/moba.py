@@ -63,8 +63,6 @@ class MoBA(DynamicMethod):
             BLOCK_SIZE),
         references="Lu et al. 2025, MoBA (arXiv 2502.13189); github.com/MoonshotAI/MoBA moba/moba_naive.py")
 
-    per_query = True
-
     def check_options(self, call):
         resolve_budget(self.info.name, call.options, "top_k", DEFAULT_TOP_K)
 

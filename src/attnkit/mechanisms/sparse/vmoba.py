@@ -96,8 +96,6 @@ class VMoBA(DynamicMethod):
         references="Wu et al. 2025, VMoBA (arXiv 2506.23858); github.com/KwaiVGI/VMoBA src/vmoba.py")
 
     # -- options ----------------------------------------------------------------------------------
-    per_query = True
-
     def check_options(self, call):
         self._layout(call)
         self._mode(call.options)
