@@ -332,8 +332,8 @@ class FlexEngine:
 
     def auto_skip(self, call: AttentionCall, spec: MaskSpec) -> str | None:
         if call.device.type == "cpu":
-            return ("on CPU FlexAttention compiles each pattern family first (~25 s); auto picks "
-                    "blocksparse here, flex runs only when named (backend='flex')")
+            return ("on CPU FlexAttention compiles each pattern family first (~25 s); auto takes "
+                    "the next engine here, flex runs only when named (backend='flex')")
         return None
 
     def _probe(self, pattern: Pattern, q_len: int, k_len: int) -> str | None:
