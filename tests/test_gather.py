@@ -120,23 +120,27 @@ def test_bfloat16_computes_in_float32():
     assert rel_err(out, ak.reference(q, k, v, mask=sel.mask())) <= 1e-2
 
 
-def test_other_patterns_get_a_reason():
+def test_other_patterns_get_a_reason_that_names_the_fix():
     q, k, v = inputs(B=1, H=2, Hkv=2, Lq=12, D=8)
     call = AttentionCall.build(q, k, v, None, 0.0, True, None, False)
     sel = random_selection(1, 2, 12, 12, 3)
     engine = GatherEngine()
-    assert "block_q=4" in engine.can_run(call, MaskSpec(BlockSelection(torch.ones(3, 4, dtype=torch.bool), 4, 3)))
+    reason = engine.can_run(call, MaskSpec(BlockSelection(torch.ones(3, 4, dtype=torch.bool), 4, 3)))
+    assert "block_q=4" in reason and "block_q=1" in reason and "backend='blocksparse'" in reason
     for pattern in [Full(causal=True), SlidingWindow(2, 0, True) & sel,
                     (sel | BlockWindow(3, 1)) & Full(causal=True)]:  # hip's form
-        assert "per-query BlockSelection" in engine.can_run(call, MaskSpec(pattern))
-    assert "score modification" in engine.can_run(call, MaskSpec(sel, score_mod=lambda s, *a: s))
+        reason = engine.can_run(call, MaskSpec(pattern))
+        assert pattern.describe() in reason and "per-query BlockSelection" in reason and "backend=" in reason
+    assert "score_mod" in engine.can_run(call, MaskSpec(sel, score_mod=lambda s, *a: s))
     masked = AttentionCall.build(q, k, v, torch.ones(12, 12, dtype=torch.bool), 0.0, False, None, False)
-    assert "attn_mask" in engine.can_run(masked, MaskSpec(sel))
+    assert "attn_mask=None" in engine.can_run(masked, MaskSpec(sel))
+    dropped = AttentionCall.build(q, k, v, None, 0.1, False, None, False)
+    assert "dropout_p=0.1" in engine.can_run(dropped, MaskSpec(sel))
     # methods whose selection is not per query do not list the engine; auto takes it on CPU only
     assert "gather" not in ak.method_info("hip").backends and "gather" in ak.method_info("moba").backends
     with pytest.raises(ak.BackendUnavailableError, match="gather"):
         ak.attend(q, k, v, is_causal=True, method="h2o", backend="gather")
     assert ak.explain(q, k, v, is_causal=True, method="moba", chunk_size=4).backend == "gather"
     assert ak.explain(q, k, v, is_causal=True, method="hip").backend == "blocksparse"
-    assert "CPU only" in engine.auto_skip(call.__class__.build(q.to("meta"), k.to("meta"), v.to("meta"), None,
-                                                                0.0, True, None, False), MaskSpec(sel))
+    assert "CPU only" in engine.auto_skip(AttentionCall.build(q.to("meta"), k.to("meta"), v.to("meta"), None,
+                                                              0.0, True, None, False), MaskSpec(sel))

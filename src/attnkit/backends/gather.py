@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from ..call import AttentionCall
+from ..errors import BackendUnavailableError
 from ..patterns.base import Intersection, Pattern
 from ..patterns.interval import Full
 from ..patterns.plan import cdiv
@@ -51,12 +52,12 @@ def per_query_parts(pattern: Pattern) -> tuple[BlockSelection | None, Full | Non
     sels = [p for p in parts if isinstance(p, BlockSelection)]
     fulls = [p for p in parts if type(p) is Full]
     if len(sels) != 1 or len(sels) + len(fulls) != len(parts):
-        return None, None, (f"runs a per-query BlockSelection (block_q=1), optionally & the causal rule; "
-                            f"got {pattern.describe()}")
+        return None, None, (f"pattern {pattern.describe()}: gather runs a per-query BlockSelection "
+                            f"(block_q=1), alone or & Full(causal=...); use backend='blocksparse'")
     sel = sels[0]
     if sel.block_q != 1:
-        return None, None, (f"runs per-query selections (block_q=1); got block_q={sel.block_q} "
-                            f"(use backend='blocksparse')")
+        return None, None, (f"block_q={sel.block_q}: gather runs per-query selections only (block_q=1); "
+                            f"use backend='blocksparse'")
     return sel, (fulls[0] if fulls else None), None
 
 
@@ -217,11 +218,13 @@ class GatherEngine:
         if reason is not None:
             return reason
         if spec.score_mod is not None:
-            return "a score modification is not supported (use backend='blocksparse')"
+            return ("score_mod: gather runs selections without a score modification (this one adds one); "
+                    "use backend='blocksparse'")
         if call.attn_mask is not None:
-            return "attn_mask is not supported (use backend='blocksparse')"
+            return (f"attn_mask: gather runs attn_mask=None only (got a {call.attn_mask.dtype} mask); "
+                    "use backend='blocksparse'")
         if call.dropout_p > 0:
-            return f"dropout_p={call.dropout_p} is not supported (use backend='dense')"
+            return f"dropout_p={call.dropout_p}: gather runs dropout_p=0 only; use backend='dense'"
         return None
 
     def auto_skip(self, call: AttentionCall, spec: MaskSpec) -> str | None:
@@ -233,7 +236,7 @@ class GatherEngine:
     def run(self, call: AttentionCall, spec: MaskSpec) -> torch.Tensor:
         sel, full, reason = per_query_parts(spec.pattern)
         if reason is not None:
-            raise ValueError(f"gather engine: {reason}")
+            raise BackendUnavailableError(f"gather cannot run this call: {reason}")
         sel.check(call.q_len, call.k_len)
         sel.check_heads(call.batch, call.heads)
         wd = torch.float64 if call.dtype == torch.float64 else torch.float32
