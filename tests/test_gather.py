@@ -1,7 +1,8 @@
 """The ``gather`` engine (backends/gather.py): per-query block selections computed on the kept
 key blocks only. Once a selection is fixed, the output and the q/k/v gradients equal the float64
 oracle with the selection's mask (GQA, scale, B > 1, bf16, key_shift, empty rows, awkward
-lengths, chunked queries); any other pattern gets a reason from ``can_run``."""
+lengths, chunked queries); any other pattern gets a reason from ``can_run``; ``auto`` takes it on
+CPU only where its cost rule predicts it beats blocksparse."""
 
 import pytest
 import torch
@@ -136,11 +137,24 @@ def test_other_patterns_get_a_reason_that_names_the_fix():
     assert "attn_mask=None" in engine.can_run(masked, MaskSpec(sel))
     dropped = AttentionCall.build(q, k, v, None, 0.1, False, None, False)
     assert "dropout_p=0.1" in engine.can_run(dropped, MaskSpec(sel))
-    # methods whose selection is not per query do not list the engine; auto takes it on CPU only
+    # methods whose selection is not per query do not list the engine
     assert "gather" not in ak.method_info("hip").backends and "gather" in ak.method_info("moba").backends
     with pytest.raises(ak.BackendUnavailableError, match="gather"):
         ak.attend(q, k, v, is_causal=True, method="h2o", backend="gather")
-    assert ak.explain(q, k, v, is_causal=True, method="moba", chunk_size=4).backend == "gather"
     assert ak.explain(q, k, v, is_causal=True, method="hip").backend == "blocksparse"
-    assert "CPU only" in engine.auto_skip(AttentionCall.build(q.to("meta"), k.to("meta"), v.to("meta"), None,
-                                                              0.0, True, None, False), MaskSpec(sel))
+
+
+def test_auto_takes_gather_on_cpu_where_it_beats_blocksparse():
+    q, k, v = inputs(B=1, H=2, Hkv=1, Lq=256, D=8, dtype=torch.float32)
+    sparse = dict(is_causal=True, enable_gqa=True, method="moba", chunk_size=16, density=0.2)
+    why = ak.explain(q, k, v, **sparse)
+    assert why.backend == "gather" and "only when named" in dict(why.candidates)["flex"]
+    assert ak.select(q, k, v, **sparse).attend(q, k, v).equal(ak.attend(q, k, v, **sparse, backend="gather"))
+    assert ak.explain(q, k, v, is_causal=True, enable_gqa=True, method="moba", chunk_size=64,
+                      density=1.0).backend == "gather"  # blocks of 64: any share
+    for dense in (dict(chunk_size=2, density=0.3), dict(chunk_size=16, density=1.0)):  # small blocks, many kept
+        why = ak.explain(q, k, v, is_causal=True, enable_gqa=True, method="moba", **dense)
+        reason = dict(why.candidates)["gather"]
+        assert why.backend == "blocksparse" and "only when named" in reason and "blocks of" in reason
+    meta = AttentionCall.build(*(t.to("meta") for t in (q, k, v)), None, 0.0, True, None, True)
+    assert "CPU only" in GatherEngine().auto_skip(meta, MaskSpec(random_selection(1, 2, 256, 256, 16)))

@@ -4,26 +4,35 @@ Dynamic methods such as MoBA (Lu et al. 2025, arXiv 2502.13189) and Kinetics pic
 *per query*: their pattern is ``BlockSelection(tiles, block_q=1, block_k=C)``, often AND-ed with
 the causal rule. On 128x128 tiles nearly every tile is partial (neighbouring queries choose
 differently), so the tile engines compute about as much as dense attention. The official MoBA
-kernel (MoonshotAI/MoBA, ``moba_efficient.py``) instead gathers, for each key block, the queries
-that selected it (varlen FlashAttention) and merges the partial results by log-sum-exp. This
-engine does the same in plain PyTorch. For a chunk of query rows it lists the selected
-(query, key block) pairs sorted by key block (one kv head: GQA heads share it) and cuts each
-block's queries into *pieces* of up to ``P`` rows; a piece is one small GEMM of its gathered
-queries ``(P, D)`` with its key block ``(C, D)``, masked by the key range, ``key_shift`` and the
-causal cut inside a query's own block. Each query row appears in one piece per kept block, and
-its pieces are merged with an online softmax. Work and memory follow the kept blocks; no
-``Lq x Lk`` tensor is built, and each batch of pieces stays under ``GATHER_BUDGET`` elements.
+code (github.com/MoonshotAI/MoBA, ``moba/moba_efficient.py``, ``moba_attn_varlen``) instead
+gathers, for each key block, the queries that selected it (varlen FlashAttention) and merges the
+partial results by log-sum-exp; this engine takes that idea (not the code) to plain PyTorch. For
+a chunk of query rows it lists the selected (query, key block) pairs sorted by key block (one kv
+head: GQA heads share it) and cuts each block's queries into *pieces* of up to ``P`` rows; a
+piece is one small GEMM of its gathered queries ``(P, D)`` with its key block ``(C, D)``, masked
+by the key range, ``key_shift`` and the causal cut inside a query's own block. Each query row
+appears in one piece per kept block, and its pieces are merged with an online softmax. Work and
+memory follow the kept blocks; no ``Lq x Lk`` tensor is built, and each batch of pieces stays
+under ``GATHER_BUDGET`` elements.
 
 The backward pass is a custom autograd function: it recomputes each piece's probabilities from
 the saved log-sum-exp and adds the gradients back with ``index_add_`` (queries by row, keys and
 values by block). Rows with no visible key give zeros (and zero gradients). Inputs in bf16 / fp16 /
 fp32 compute in float32, float64 in float64.
 
-``backend="auto"`` takes it on CPU, where it was measured faster than ``blocksparse`` for moba,
-kinetics and vmoba at every size and density tried (L = 64 to 16384, 5 % to dense); elsewhere
-it runs only when named, until measured there. Runs only such patterns (``can_run`` names what
-it got otherwise): a ``BlockSelection`` with ``block_q = 1`` (any ``key_shift``), alone or
-``& Full(causal=...)``; no score modification, ``attn_mask`` or dropout.
+Runs only such patterns (``can_run`` names what it got otherwise): a ``BlockSelection`` with
+``block_q = 1`` (any ``key_shift``), alone or ``& Full(causal=...)``; no score modification,
+``attn_mask`` or dropout.
+
+``backend="auto"`` takes it on CPU where it beats ``blocksparse``. A kept (query, key block) pair
+costs it about ``block_k + PAIR_KEYS`` key-equivalents (the gathered query row and its output
+added back cost as much as ``PAIR_KEYS`` keys) at about half blocksparse's cost per key, and
+blocksparse visits about every visible key of a per-query selection; so auto takes gather when
+the kept share of the visible keys is at most ``2 * block_k / (block_k + PAIR_KEYS)``: 15 % for
+blocks of 4 keys, 29 % for 8, 50 % for 16, 80 % for 32, any share for 64 or more. (Fitted on 2 CPU
+cores, moba at L = 1024 and 4096, block_k 1 to 256, 5 % to dense: where the rule takes gather it
+took 0.1 to 0.9 of blocksparse's forward + backward time; where it does not, 0.3 to 8 times.) On
+GPUs flex stays first and gather runs only when named, until measured there.
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ from .mask_spec import MaskSpec
 # 1 << 22 (blocksparse's SCORE_BUDGET) runs as fast as 1 << 24 on CPU with half the peak memory
 # (moba, L = 16384, forward + backward: 161 vs 343 MiB)
 GATHER_BUDGET = 1 << 22
+# what one kept (query, key block) pair costs beyond its keys, in keys (CPU; see the docstring)
+PAIR_KEYS = 48
 
 
 def per_query_parts(pattern: Pattern) -> tuple[BlockSelection | None, Full | None, str | None]:
@@ -66,7 +77,9 @@ class _Plan:
     row, key block) pairs of one key block (one kv head), so a piece is a small GEMM
     ``(P, D) x (D, bk)``; each query row appears in one piece per selected block."""
 
-    def __init__(self, call: AttentionCall, sel: BlockSelection, full: Full | None, width: int):
+    def __init__(self, call: AttentionCall, sel: BlockSelection, full: Full | None, width: int = 0):
+        sel.check(call.q_len, call.k_len)
+        sel.check_heads(call.batch, call.heads)
         self.tiles = sel.tiles.to(call.device)  # (Bp, Hp, Lq, nK)
         self.bk, self.shift = sel.block_k, sel.key_shift
         self.q_len, self.k_len = call.q_len, call.k_len
@@ -101,6 +114,18 @@ class _Plan:
             qa = torch.arange(r0, r1, device=t.device)[:, None] + self.offset
             t = t & (first <= qa)
         return t
+
+    def kept_share(self) -> float:
+        """Kept (query, key) pairs over the pairs the causal rule leaves visible (0 if none)."""
+        dev = self.tiles.device
+        first = torch.arange(self.n_blocks, device=dev) * self.bk - self.shift
+        end = (first + self.bk).clamp(max=self.k_len)
+        if self.causal:  # keys of each block that each query row sees: (Lq, nBlocks)
+            end = torch.minimum(end, torch.arange(self.q_len, device=dev)[:, None] + self.offset + 1)
+        keys = (end - first.clamp(min=0)).clamp(min=0).expand(self.q_len, -1)
+        kept = float((self.tiles.sum(dim=(0, 1)) * keys).sum()) / (self.tiles.shape[0] * self.tiles.shape[1])
+        visible = float(keys.sum())
+        return kept / visible if visible else 0.0
 
     def pieces(self, r0: int, r1: int):
         """For rows ``[r0, r1)``: rows ``(n, P)`` of the chunk's ``(B * H * R)`` queries (-1:
@@ -229,16 +254,20 @@ class GatherEngine:
 
     def auto_skip(self, call: AttentionCall, spec: MaskSpec) -> str | None:
         if call.device.type != "cpu":
-            return (f"auto takes gather on CPU only (measured faster than blocksparse there); on "
+            return (f"auto takes gather on CPU only (its cost rule is measured there); on "
                     f"{call.device.type} it runs only when named (backend='gather')")
+        sel, full, _ = per_query_parts(spec.pattern)
+        share, most = _Plan(call, sel, full).kept_share(), 2 * sel.block_k / (sel.block_k + PAIR_KEYS)
+        if share > most:
+            return (f"this selection keeps {share:.0%} of the visible keys in blocks of {sel.block_k}, where "
+                    f"blocksparse is faster on CPU (auto takes gather up to 2 * block_k / (block_k + "
+                    f"{PAIR_KEYS}) = {most:.0%}); gather runs only when named (backend='gather')")
         return None
 
     def run(self, call: AttentionCall, spec: MaskSpec) -> torch.Tensor:
         sel, full, reason = per_query_parts(spec.pattern)
         if reason is not None:
             raise BackendUnavailableError(f"gather cannot run this call: {reason}")
-        sel.check(call.q_len, call.k_len)
-        sel.check_heads(call.batch, call.heads)
         wd = torch.float64 if call.dtype == torch.float64 else torch.float32
         plan = _Plan(call, sel, full, max(call.query.shape[-1], call.value.shape[-1]))
         out = _GatherAttention.apply(plan, call.query.to(wd), call.key.to(wd), call.value.to(wd))

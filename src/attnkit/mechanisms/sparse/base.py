@@ -35,8 +35,8 @@ official MoBA / VMoBA kernels gather, for each key chunk, the queries that chose
 FlashAttention); attnkit's tile engines do not, so their attention time follows the tile density.
 Methods whose executed pattern is a per-query selection (moba, kinetics, vmoba: backends
 ``PER_QUERY_BACKENDS``) also offer the ``gather`` engine (:mod:`attnkit.backends.gather`), whose
-work follows the kept key blocks instead; ``backend="auto"`` picks it on CPU (measured faster
-than blocksparse there) and keeps flex on GPUs.
+work follows the kept key blocks instead; ``backend="auto"`` picks it on CPU when the selection
+keeps few enough keys for its block size to beat blocksparse there, and keeps flex on GPUs.
 
 What a method always keeps on top (its own chunk, sinks, windows, the query itself) is outside
 the budget, so the kept density of a call (``Selection.density()``) is at least the target.
@@ -198,7 +198,8 @@ def _permute(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 SELECTION_ENGINES = tuple(SelectionEngine(e) for e in MASK_ENGINES)
 # methods whose selection is per query (BlockSelection with block_q = 1) also offer ``gather``,
-# before blocksparse: ``auto`` takes it on CPU only (flex keeps GPUs; see backends/gather.py)
+# before blocksparse: ``auto`` takes it on CPU where it predicts it faster (flex keeps GPUs; see
+# backends/gather.py)
 PER_QUERY_ENGINES = (SELECTION_ENGINES[0], SelectionEngine(GatherEngine()), *SELECTION_ENGINES[1:])
 PER_QUERY_BACKENDS = tuple(e.name for e in PER_QUERY_ENGINES)
 
