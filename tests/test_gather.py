@@ -2,7 +2,11 @@
 key blocks only. Once a selection is fixed, the output and the q/k/v gradients equal the float64
 oracle with the selection's mask (GQA, scale, B > 1, bf16, key_shift, empty rows, awkward
 lengths, chunked queries); any other pattern gets a reason from ``can_run``; ``auto`` takes it on
-CPU only where its cost rule predicts it beats blocksparse."""
+CPU only where its cost rule predicts it beats blocksparse; memory follows the kept blocks."""
+
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -58,15 +62,21 @@ def test_methods_equal_oracle_on_their_selection(name, L):
 @pytest.mark.parametrize("lq,lk,bk,shift", [(1, 1, 1, 0), (9, 30, 4, 0), (30, 9, 4, 3), (37, 37, 5, 2),
                                              (16, 40, 40, 0)])
 def test_block_selections_with_shift_causal_and_empty_rows(causal, lq, lk, bk, shift):
-    q, k, v = inputs(B=2, H=3, Hkv=1, Lq=lq, Lk=lk, D=8, Dv=5, seed=3)
+    q, k, v = inputs(B=2, H=3, Hkv=1, Lq=lq, Lk=lk, D=8, Dv=5, seed=3, grad=True)
     sel = random_selection(1, 3, lq, lk, bk, shift, seed=lq)
     pattern = sel & Full(causal=True) if causal else sel
     mask = pattern.dense(lq, lk)
     got = run_pattern(pattern, q, k, v, causal=causal)
+    ref = ak.reference(q, k, v, mask=mask)
     assert torch.isfinite(got).all()
-    assert rel_err(got, ak.reference(q, k, v, mask=mask)) <= 1e-12
+    assert rel_err(got, ref) <= 1e-12
     empty = ~mask.expand(2, 3, lq, lk).any(-1)
     assert (got[empty] == 0).all()
+    w = torch.randn_like(ref)
+    grads = torch.autograd.grad((got * w).sum(), (q, k, v))
+    for g, r in zip(grads, torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        assert torch.isfinite(g).all() and rel_err(g, r) <= 1e-12
+    assert (grads[0][empty] == 0).all()  # rows that see nothing get no gradient
 
 
 def test_fully_masked_selection_gives_zeros_and_zero_grads():
@@ -114,11 +124,17 @@ def test_float32_gradients_match_oracle(name):
 
 
 def test_bfloat16_computes_in_float32():
-    q, k, v = inputs(B=1, H=4, Hkv=2, Lq=64, D=16, dtype=torch.bfloat16, seed=8)
+    q, k, v = inputs(B=1, H=4, Hkv=2, Lq=64, D=16, dtype=torch.bfloat16, seed=8, grad=True)
     sel = ak.select(q, k, v, is_causal=True, enable_gqa=True, method="moba", **OPTS["moba"])
     out = ak.attend(q, k, v, is_causal=True, enable_gqa=True, method="moba", backend="gather", **OPTS["moba"])
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = ak.reference(q64, k64, v64, mask=sel.mask())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    assert rel_err(out, ak.reference(q, k, v, mask=sel.mask())) <= 1e-2
+    assert rel_err(out, ref) <= 1e-2
+    w = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * w).sum(), (q64, k64, v64))
+    for g, r in zip(torch.autograd.grad((out * w.bfloat16()).sum(), (q, k, v)), want):
+        assert g.dtype == torch.bfloat16 and rel_err(g, r) <= 2e-2
 
 
 def test_other_patterns_get_a_reason_that_names_the_fix():
@@ -158,3 +174,24 @@ def test_auto_takes_gather_on_cpu_where_it_beats_blocksparse():
         assert why.backend == "blocksparse" and "only when named" in reason and "blocks of" in reason
     meta = AttentionCall.build(*(t.to("meta") for t in (q, k, v)), None, 0.0, True, None, True)
     assert "CPU only" in GatherEngine().auto_skip(meta, MaskSpec(random_selection(1, 2, 256, 256, 16)))
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, torch, attnkit as ak
+    torch.manual_seed(0)
+    L = 16384
+    q = torch.randn(1, 2, L, 16, requires_grad=True)
+    k, v = (torch.randn(1, 1, L, 16, requires_grad=True) for _ in range(2))
+    sel = ak.select(q, k, v, is_causal=True, enable_gqa=True, method="moba", chunk_size=256, top_k=2)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sel.attend(q, k, v, backend="gather").sum().backward()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+""")
+
+
+@pytest.mark.slow
+def test_16k_forward_and_backward_never_build_an_l_by_l_tensor():
+    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    grown_mib = float(proc.stdout.strip().splitlines()[-1])
+    assert grown_mib < 512, grown_mib  # one 16k x 16k fp32 score matrix alone is 1 GiB
