@@ -15,11 +15,11 @@ JSON also records the ``dense`` form on the same plan as ``dense_form_ms``); the
 the keys a query reads and their tile density is not defined (``-``).
 The attention runs on ``backend="flex"`` when the methods offer it on this device, else on
 ``blocksparse``; every row records its backend. Methods with per-query selections (moba, vmoba,
-kinetics) are also timed on the ``gather`` engine (``gather_ms``). Rows also give the kept density (over the pairs
-dense attention uses), the fraction of 128x128 tiles an engine visits, and the softmax-mass
-recall of the selection (dense attention's probability mass on the kept keys, averaged over
-``--recall-rows`` evenly spaced queries). Writes ``bench_dynamic.json`` and ``bench_dynamic.md``
-to ``--out`` and prints the card, versions and the table.
+kinetics) are also timed on the ``gather`` engine (``gather_ms``). Rows also give the kept
+density (over the pairs dense attention uses), the fraction of 128x128 tiles an engine visits,
+and the softmax-mass recall of the selection (dense attention's probability mass on the kept
+keys, averaged over ``--recall-rows`` evenly spaced queries). Writes ``bench_dynamic.json`` and
+``bench_dynamic.md`` to ``--out`` and prints the card, versions and the table.
 """
 
 from __future__ import annotations
