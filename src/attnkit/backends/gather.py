@@ -88,6 +88,7 @@ class _Plan:
         self.scale, self.group = call.scale, call.group
         self.B, self.H = call.batch, call.heads
         self.n_blocks = cdiv(call.k_len + self.shift, self.bk)
+        self.first = torch.arange(self.n_blocks, device=call.device) * self.bk - self.shift  # each block's first key
         self.width = max(width, self.bk)
 
     def row_chunks(self):
@@ -110,19 +111,16 @@ class _Plan:
         (a selection may name blocks wholly past the causal cut, e.g. Kinetics' dense rows)."""
         t = self.tiles[:, :, r0:r1]
         if self.causal:
-            first = torch.arange(self.n_blocks, device=t.device) * self.bk - self.shift
             qa = torch.arange(r0, r1, device=t.device)[:, None] + self.offset
-            t = t & (first <= qa)
+            t = t & (self.first <= qa)
         return t
 
     def kept_share(self) -> float:
         """Kept (query, key) pairs over the pairs the causal rule leaves visible (0 if none)."""
-        dev = self.tiles.device
-        first = torch.arange(self.n_blocks, device=dev) * self.bk - self.shift
-        end = (first + self.bk).clamp(max=self.k_len)
+        end = (self.first + self.bk).clamp(max=self.k_len)
         if self.causal:  # keys of each block that each query row sees: (Lq, nBlocks)
-            end = torch.minimum(end, torch.arange(self.q_len, device=dev)[:, None] + self.offset + 1)
-        keys = (end - first.clamp(min=0)).clamp(min=0).expand(self.q_len, -1)
+            end = torch.minimum(end, torch.arange(self.q_len, device=end.device)[:, None] + self.offset + 1)
+        keys = (end - self.first.clamp(min=0)).clamp(min=0).expand(self.q_len, -1)
         kept = float((self.tiles.sum(dim=(0, 1)) * keys).sum()) / (self.tiles.shape[0] * self.tiles.shape[1])
         visible = float(keys.sum())
         return kept / visible if visible else 0.0
@@ -152,7 +150,7 @@ class _Plan:
 
     def keep(self, rows: torch.Tensor, blocks: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """Visible (row, key) pairs of the pieces ``(n, P, bk)`` of rows ``[r0, r1)``."""
-        kpos = (blocks % self.n_blocks)[:, None] * self.bk - self.shift + torch.arange(self.bk, device=rows.device)
+        kpos = self.first[blocks % self.n_blocks][:, None] + torch.arange(self.bk, device=rows.device)
         keep = (rows >= 0)[:, :, None] & ((kpos >= 0) & (kpos < self.k_len))[:, None, :]
         if self.causal:
             qa = rows % (r1 - r0) + r0 + self.offset
