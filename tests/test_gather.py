@@ -60,7 +60,7 @@ def test_methods_equal_oracle_on_their_selection(name, L):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lq,lk,bk,shift", [(1, 1, 1, 0), (9, 30, 4, 0), (30, 9, 4, 3), (37, 37, 5, 2),
-                                             (16, 40, 40, 0)])
+                                             (16, 40, 40, 0), (12, 9, 16, 3)])  # last: one block past the keys
 def test_block_selections_with_shift_causal_and_empty_rows(causal, lq, lk, bk, shift):
     q, k, v = inputs(B=2, H=3, Hkv=1, Lq=lq, Lk=lk, D=8, Dv=5, seed=3, grad=True)
     sel = random_selection(1, 3, lq, lk, bk, shift, seed=lq)

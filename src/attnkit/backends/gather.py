@@ -81,7 +81,8 @@ class _Plan:
         sel.check(call.q_len, call.k_len)
         sel.check_heads(call.batch, call.heads)
         self.tiles = sel.tiles.to(call.device)  # (Bp, Hp, Lq, nK)
-        self.bk, self.shift = sel.block_k, sel.key_shift
+        self.shift = sel.key_shift
+        self.bk = min(sel.block_k, call.k_len + self.shift)  # one block longer than the keys: no padding
         self.q_len, self.k_len = call.q_len, call.k_len
         self.causal = full is not None and full.causal
         self.offset = call.k_len - call.q_len
@@ -255,9 +256,10 @@ class GatherEngine:
             return (f"auto takes gather on CPU only (its cost rule is measured there); on "
                     f"{call.device.type} it runs only when named (backend='gather')")
         sel, full, _ = per_query_parts(spec.pattern)
-        share, most = _Plan(call, sel, full).kept_share(), 2 * sel.block_k / (sel.block_k + PAIR_KEYS)
+        plan = _Plan(call, sel, full)
+        share, most = plan.kept_share(), 2 * plan.bk / (plan.bk + PAIR_KEYS)
         if share > most:
-            return (f"this selection keeps {share:.0%} of the visible keys in blocks of {sel.block_k}, where "
+            return (f"this selection keeps {share:.0%} of the visible keys in blocks of {plan.bk}, where "
                     f"blocksparse is faster on CPU (auto takes gather up to 2 * block_k / (block_k + "
                     f"{PAIR_KEYS}) = {most:.0%}); gather runs only when named (backend='gather')")
         return None
