@@ -31,7 +31,8 @@ blocksparse visits about every visible key of a per-query selection; so auto tak
 the kept share of the visible keys is at most ``2 * block_k / (block_k + PAIR_KEYS)``: 15 % for
 blocks of 4 keys, 29 % for 8, 50 % for 16, 80 % for 32, any share for 64 or more. (Fitted on 2 CPU
 cores, moba at L = 1024 and 4096, block_k 1 to 256, 5 % to dense: where the rule takes gather it
-took 0.1 to 0.9 of blocksparse's forward + backward time; where it does not, 0.3 to 8 times.) On
+took 0.1 to 0.9 of blocksparse's forward + backward time; where it does not, 0.3 to 8 times. One
+block holding every key, moba's default chunk_size on calls up to 4096 keys, is about even.) On
 GPUs flex stays first and gather runs only when named, until measured there.
 """
 
