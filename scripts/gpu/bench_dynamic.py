@@ -15,7 +15,7 @@ JSON also records the ``dense`` form on the same plan as ``dense_form_ms``); the
 the keys a query reads and their tile density is not defined (``-``).
 The attention runs on ``backend="flex"`` when the methods offer it on this device, else on
 ``blocksparse``; every row records its backend. Methods with per-query selections (moba, vmoba,
-kinetics) are also timed on the ``gather`` engine (``gather_ms``). Rows also give the kept
+kinetics) are also timed on the ``varlen`` engine (``varlen_ms``). Rows also give the kept
 density (over the pairs dense attention uses), the fraction of 128x128 tiles an engine visits,
 and the softmax-mass recall of the selection (dense attention's probability mass on the kept
 keys, averaged over ``--recall-rows`` evenly spaced queries). Writes ``bench_dynamic.json`` and
@@ -200,11 +200,11 @@ def method_row(name, density, q, k, v, args, device, backend) -> dict:
             row["backend"] = "blocksparse"
             row["attention_ms"], _ = timed(lambda: sel.attend(q, k, v, backend="blocksparse"), args.reps, device)
         row["total_ms"] = row["selection_ms"] + row["attention_ms"]
-        if "gather" in ak.method_info(name).backends:  # per-query selections: the gather engine too
+        if "varlen" in ak.method_info(name).backends:  # per-query selections: the varlen engine too
             try:
-                row["gather_ms"], _ = timed(lambda: sel.attend(q, k, v, backend="gather"), args.reps, device)
+                row["varlen_ms"], _ = timed(lambda: sel.attend(q, k, v, backend="varlen"), args.reps, device)
             except Exception as err:  # recorded, never hidden
-                row["gather_error"] = f"{type(err).__name__}: {err}"
+                row["varlen_error"] = f"{type(err).__name__}: {err}"
         row["density"] = sel.density()
         row["tile_density"] = sel.tile_density(128)
         rows = torch.linspace(0, q.shape[2] - 1, min(args.recall_rows, q.shape[2]), device=device).long()
@@ -229,7 +229,7 @@ def markdown(env: dict, config: dict, rows: list[dict]) -> str:
              f"median of {config['reps']} runs. Dense ({config['dense_backend']}): causal {_ms(dense.get(True))} ms, "
              f"non-causal {_ms(dense.get(False))} ms.", "",
              "| method | target | kept density | tile density | recall | selection ms | attention ms | backend | "
-             "total ms | dense ms | attention speedup | total speedup | gather ms |",
+             "total ms | dense ms | attention speedup | total speedup | varlen ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["method"] == "dense":
@@ -242,10 +242,10 @@ def markdown(env: dict, config: dict, rows: list[dict]) -> str:
             f"| {r['method']} | {r['target_density']:.0%} | {r['density']:.3f} | {_num(r['tile_density'])} | "
             f"{r['recall']:.3f} | {_ms(r['selection_ms'])} | {_ms(r['attention_ms'])} | {r['backend']} | "
             f"{_ms(r['total_ms'])} | {_ms(base)} | {_ratio(base, r['attention_ms'])} | {_ratio(base, r['total_ms'])} | "
-            f"{_ms(r.get('gather_ms'))} |")
+            f"{_ms(r.get('varlen_ms'))} |")
     lines += ["", "Kept density: kept (query, key) pairs over those dense attention uses. Tile density: fraction of "
               "128x128 tiles the engine visits. Recall: dense attention's softmax mass on the kept keys. "
-              "Gather ms: the same selection's attention on the gather engine (per-query selections only)."]
+              "Varlen ms: the same selection's attention on the varlen engine (per-query selections only)."]
     return "\n".join(lines) + "\n"
 
 

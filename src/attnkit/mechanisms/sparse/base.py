@@ -34,7 +34,7 @@ the tile density (``Selection.tile_density()``) is close to dense even at 10 % k
 official MoBA / VMoBA kernels gather, for each key chunk, the queries that chose it (varlen
 FlashAttention); attnkit's tile engines do not, so their attention time follows the tile density.
 Methods whose executed pattern is a per-query selection (moba, kinetics, vmoba: backends
-``PER_QUERY_BACKENDS``) also offer the ``gather`` engine (:mod:`attnkit.backends.gather`), whose
+``PER_QUERY_BACKENDS``) also offer the ``varlen`` engine (:mod:`attnkit.backends.varlen`), whose
 work follows the kept key blocks instead; ``backend="auto"`` picks it on CPU when the selection
 keeps few enough keys for its block size to beat blocksparse there, and keeps flex on GPUs.
 
@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from ...backends.gather import GatherEngine
+from ...backends.varlen import VarlenEngine
 from ...call import AttentionCall
 from ...errors import OptionError
 from ...options import Option
@@ -197,17 +197,17 @@ def _permute(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 
 SELECTION_ENGINES = tuple(SelectionEngine(e) for e in MASK_ENGINES)
-# methods whose selection is per query (BlockSelection with block_q = 1) also offer ``gather``,
+# methods whose selection is per query (BlockSelection with block_q = 1) also offer ``varlen``,
 # before blocksparse: ``auto`` takes it on CPU where it predicts it faster (flex keeps GPUs; see
-# backends/gather.py)
-PER_QUERY_ENGINES = (SELECTION_ENGINES[0], SelectionEngine(GatherEngine()), *SELECTION_ENGINES[1:])
+# backends/varlen.py)
+PER_QUERY_ENGINES = (SELECTION_ENGINES[0], SelectionEngine(VarlenEngine()), *SELECTION_ENGINES[1:])
 PER_QUERY_BACKENDS = tuple(e.name for e in PER_QUERY_ENGINES)
 
 
 class DynamicMethod(PatternMethod):
     """Base of training-free dynamic-sparsity methods. Subclasses implement ``select(call)``
     and ``check_options(call)`` (cross-option checks that need the call's shapes); a method
-    whose selection is per query lists ``PER_QUERY_BACKENDS`` in its info to add the ``gather``
+    whose selection is per query lists ``PER_QUERY_BACKENDS`` in its info to add the ``varlen``
     engine."""
 
     def select(self, call: AttentionCall) -> Selection:
@@ -217,7 +217,7 @@ class DynamicMethod(PatternMethod):
         """Raise OptionError for invalid option combinations (no selection work here)."""
 
     def engines(self):
-        return PER_QUERY_ENGINES if "gather" in self.info.backends else SELECTION_ENGINES
+        return PER_QUERY_ENGINES if "varlen" in self.info.backends else SELECTION_ENGINES
 
     def validate(self, call: AttentionCall) -> None:
         self.check_options(call)

@@ -1,4 +1,4 @@
-"""The ``gather`` engine (backends/gather.py): per-query block selections computed on the kept
+"""The ``varlen`` engine (backends/varlen.py): per-query block selections computed on the kept
 key blocks only. Once a selection is fixed, the output and the q/k/v gradients equal the float64
 oracle with the selection's mask (GQA, scale, B > 1, bf16, key_shift, empty rows, awkward
 lengths, chunked queries); any other pattern gets a reason from ``can_run``; ``auto`` takes it on
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import attnkit as ak
-from attnkit.backends import gather as gather_mod
-from attnkit.backends.gather import GatherEngine
+from attnkit.backends import varlen as varlen_mod
+from attnkit.backends.varlen import VarlenEngine
 from attnkit.backends.mask_spec import MaskSpec
 from attnkit.call import AttentionCall
 from attnkit.patterns import BlockSelection, BlockWindow
@@ -35,8 +35,8 @@ def _one_thread():
 def run_pattern(pattern, q, k, v, causal=False, scale=None):
     call = AttentionCall.build(q, k, v, None, 0.0, causal, scale, q.shape[1] != k.shape[1])
     spec = MaskSpec(pattern)
-    assert GatherEngine().can_run(call, spec) is None
-    return GatherEngine().run(call, spec)
+    assert VarlenEngine().can_run(call, spec) is None
+    return VarlenEngine().run(call, spec)
 
 
 def random_selection(B, H, Lq, Lk, bk, shift=0, p=0.3, seed=0):
@@ -53,9 +53,9 @@ def test_methods_equal_oracle_on_their_selection(name, L):
     opts = dict(OPTS[name], grid=(1, 1, L)) if name == "vmoba" else OPTS[name]
     sel = ak.select(q, k, v, is_causal=causal, enable_gqa=True, scale=0.3, method=name, **opts)
     want = ak.reference(q, k, v, mask=sel.mask(), scale=0.3)
-    got = ak.attend(q, k, v, is_causal=causal, enable_gqa=True, scale=0.3, method=name, backend="gather", **opts)
+    got = ak.attend(q, k, v, is_causal=causal, enable_gqa=True, scale=0.3, method=name, backend="varlen", **opts)
     assert rel_err(got, want) <= 1e-12
-    assert rel_err(sel.attend(q, k, v, scale=0.3, backend="gather"), want) <= 1e-12
+    assert rel_err(sel.attend(q, k, v, scale=0.3, backend="varlen"), want) <= 1e-12
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -95,7 +95,7 @@ def test_chunked_queries_equal_one_chunk(monkeypatch, budget):
     ref = ak.reference(q, k, v, mask=pattern.dense(70, 70))
     w = torch.randn_like(ref)
     want = torch.autograd.grad((ref * w).sum(), (q, k, v))
-    monkeypatch.setattr(gather_mod, "GATHER_BUDGET", budget)
+    monkeypatch.setattr(varlen_mod, "VARLEN_BUDGET", budget)
     out = run_pattern(pattern, q, k, v, causal=True)
     assert rel_err(out, ref) <= 1e-12
     for g, r in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), want):
@@ -117,7 +117,7 @@ def test_float32_gradients_match_oracle(name):
     ref = ak.reference(q64, k64, v64, mask=sel.mask())
     w = torch.randn_like(ref)
     want = torch.autograd.grad((ref * w).sum(), (q64, k64, v64))
-    out = ak.attend(q, k, v, is_causal=True, enable_gqa=True, method=name, backend="gather", **OPTS[name])
+    out = ak.attend(q, k, v, is_causal=True, enable_gqa=True, method=name, backend="varlen", **OPTS[name])
     assert out.dtype == torch.float32 and rel_err(out, ref) <= 1e-5
     for g, r in zip(torch.autograd.grad((out * w.float()).sum(), (q, k, v)), want):
         assert rel_err(g, r) <= 1e-4
@@ -126,7 +126,7 @@ def test_float32_gradients_match_oracle(name):
 def test_bfloat16_computes_in_float32():
     q, k, v = inputs(B=1, H=4, Hkv=2, Lq=64, D=16, dtype=torch.bfloat16, seed=8, grad=True)
     sel = ak.select(q, k, v, is_causal=True, enable_gqa=True, method="moba", **OPTS["moba"])
-    out = ak.attend(q, k, v, is_causal=True, enable_gqa=True, method="moba", backend="gather", **OPTS["moba"])
+    out = ak.attend(q, k, v, is_causal=True, enable_gqa=True, method="moba", backend="varlen", **OPTS["moba"])
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = ak.reference(q64, k64, v64, mask=sel.mask())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
@@ -141,7 +141,7 @@ def test_other_patterns_get_a_reason_that_names_the_fix():
     q, k, v = inputs(B=1, H=2, Hkv=2, Lq=12, D=8)
     call = AttentionCall.build(q, k, v, None, 0.0, True, None, False)
     sel = random_selection(1, 2, 12, 12, 3)
-    engine = GatherEngine()
+    engine = VarlenEngine()
     reason = engine.can_run(call, MaskSpec(BlockSelection(torch.ones(3, 4, dtype=torch.bool), 4, 3)))
     assert "block_q=4" in reason and "block_q=1" in reason and "backend='blocksparse'" in reason
     for pattern in [Full(causal=True), SlidingWindow(2, 0, True) & sel,
@@ -154,26 +154,26 @@ def test_other_patterns_get_a_reason_that_names_the_fix():
     dropped = AttentionCall.build(q, k, v, None, 0.1, False, None, False)
     assert "dropout_p=0.1" in engine.can_run(dropped, MaskSpec(sel))
     # methods whose selection is not per query do not list the engine
-    assert "gather" not in ak.method_info("hip").backends and "gather" in ak.method_info("moba").backends
-    with pytest.raises(ak.BackendUnavailableError, match="gather"):
-        ak.attend(q, k, v, is_causal=True, method="h2o", backend="gather")
+    assert "varlen" not in ak.method_info("hip").backends and "varlen" in ak.method_info("moba").backends
+    with pytest.raises(ak.BackendUnavailableError, match="varlen"):
+        ak.attend(q, k, v, is_causal=True, method="h2o", backend="varlen")
     assert ak.explain(q, k, v, is_causal=True, method="hip").backend == "blocksparse"
 
 
-def test_auto_takes_gather_on_cpu_where_it_beats_blocksparse():
+def test_auto_takes_varlen_on_cpu_where_it_beats_blocksparse():
     q, k, v = inputs(B=1, H=2, Hkv=1, Lq=256, D=8, dtype=torch.float32)
     sparse = dict(is_causal=True, enable_gqa=True, method="moba", chunk_size=16, density=0.2)
     why = ak.explain(q, k, v, **sparse)
-    assert why.backend == "gather" and "only when named" in dict(why.candidates)["flex"]
-    assert ak.select(q, k, v, **sparse).attend(q, k, v).equal(ak.attend(q, k, v, **sparse, backend="gather"))
+    assert why.backend == "varlen" and "only when named" in dict(why.candidates)["flex"]
+    assert ak.select(q, k, v, **sparse).attend(q, k, v).equal(ak.attend(q, k, v, **sparse, backend="varlen"))
     assert ak.explain(q, k, v, is_causal=True, enable_gqa=True, method="moba", chunk_size=64,
-                      density=1.0).backend == "gather"  # blocks of 64: any share
+                      density=1.0).backend == "varlen"  # blocks of 64: any share
     for dense in (dict(chunk_size=2, density=0.3), dict(chunk_size=16, density=1.0)):  # small blocks, many kept
         why = ak.explain(q, k, v, is_causal=True, enable_gqa=True, method="moba", **dense)
-        reason = dict(why.candidates)["gather"]
+        reason = dict(why.candidates)["varlen"]
         assert why.backend == "blocksparse" and "only when named" in reason and "blocks of" in reason
     meta = AttentionCall.build(*(t.to("meta") for t in (q, k, v)), None, 0.0, True, None, True)
-    assert "CPU only" in GatherEngine().auto_skip(meta, MaskSpec(random_selection(1, 2, 256, 256, 16)))
+    assert "CPU only" in VarlenEngine().auto_skip(meta, MaskSpec(random_selection(1, 2, 256, 256, 16)))
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
@@ -184,7 +184,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     k, v = (torch.randn(1, 1, L, 16, requires_grad=True) for _ in range(2))
     sel = ak.select(q, k, v, is_causal=True, enable_gqa=True, method="moba", chunk_size=256, top_k=2)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    sel.attend(q, k, v, backend="gather").sum().backward()
+    sel.attend(q, k, v, backend="varlen").sum().backward()
     print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 """)
 

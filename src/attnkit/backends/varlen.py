@@ -1,4 +1,5 @@
-"""The ``gather`` engine: per-query key-block selections, computed on the kept blocks only.
+"""The ``varlen`` engine: per-query key-block selections computed on the kept blocks only (named
+after MoBA's varlen path; not hcam/landmark's two-level ``gather`` form).
 
 Dynamic methods such as MoBA (Lu et al. 2025, arXiv 2502.13189) and Kinetics pick key blocks
 *per query*: their pattern is ``BlockSelection(tiles, block_q=1, block_k=C)``, often AND-ed with
@@ -13,7 +14,7 @@ piece is one small GEMM of its gathered queries ``(P, D)`` with its key block ``
 by the key range, ``key_shift`` and the causal cut inside a query's own block. Each query row
 appears in one piece per kept block, and its pieces are merged with an online softmax. Work and
 memory follow the kept blocks; no ``Lq x Lk`` tensor is built, and each batch of pieces stays
-under ``GATHER_BUDGET`` elements.
+under ``VARLEN_BUDGET`` elements.
 
 The backward pass is a custom autograd function: it recomputes each piece's probabilities from
 the saved log-sum-exp and adds the gradients back with ``index_add_`` (queries by row, keys and
@@ -27,13 +28,13 @@ Runs only such patterns (``can_run`` names what it got otherwise): a ``BlockSele
 ``backend="auto"`` takes it on CPU where it beats ``blocksparse``. A kept (query, key block) pair
 costs it about ``block_k + PAIR_KEYS`` key-equivalents (the gathered query row and its output
 added back cost as much as ``PAIR_KEYS`` keys) at about half blocksparse's cost per key, and
-blocksparse visits about every visible key of a per-query selection; so auto takes gather when
+blocksparse visits about every visible key of a per-query selection; so auto takes varlen when
 the kept share of the visible keys is at most ``2 * block_k / (block_k + PAIR_KEYS)``: 15 % for
 blocks of 4 keys, 29 % for 8, 50 % for 16, 80 % for 32, any share for 64 or more. (Fitted on 2 CPU
-cores, moba at L = 1024 and 4096, block_k 1 to 256, 5 % to dense: where the rule takes gather it
+cores, moba at L = 1024 and 4096, block_k 1 to 256, 5 % to dense: where the rule takes varlen it
 took 0.1 to 0.9 of blocksparse's forward + backward time; where it does not, 0.3 to 8 times. One
 block holding every key, moba's default chunk_size on calls up to 4096 keys, is about even.) On
-GPUs flex stays first and gather runs only when named, until measured there.
+GPUs flex stays first and varlen runs only when named, until measured there.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from .mask_spec import MaskSpec
 # elements of one batch of pieces: gathered queries and key blocks (pieces x (P + C) x D), scores.
 # 1 << 22 (blocksparse's SCORE_BUDGET) runs as fast as 1 << 24 on CPU with half the peak memory
 # (moba, L = 16384, forward + backward: 161 vs 343 MiB)
-GATHER_BUDGET = 1 << 22
+VARLEN_BUDGET = 1 << 22
 # what one kept (query, key block) pair costs beyond its keys, in keys (CPU; see the docstring)
 PAIR_KEYS = 48
 
@@ -64,11 +65,11 @@ def per_query_parts(pattern: Pattern) -> tuple[BlockSelection | None, Full | Non
     sels = [p for p in parts if isinstance(p, BlockSelection)]
     fulls = [p for p in parts if type(p) is Full]
     if len(sels) != 1 or len(sels) + len(fulls) != len(parts):
-        return None, None, (f"pattern {pattern.describe()}: gather runs a per-query BlockSelection "
+        return None, None, (f"pattern {pattern.describe()}: varlen runs a per-query BlockSelection "
                             f"(block_q=1), alone or & Full(causal=...); use backend='blocksparse'")
     sel = sels[0]
     if sel.block_q != 1:
-        return None, None, (f"block_q={sel.block_q}: gather runs per-query selections only (block_q=1); "
+        return None, None, (f"block_q={sel.block_q}: varlen runs per-query selections only (block_q=1); "
                             f"use backend='blocksparse'")
     return sel, (fulls[0] if fulls else None), None
 
@@ -98,8 +99,8 @@ class _Plan:
         ``(B, H, R, nBlocks)`` stay under the budget."""
         spread = self.B * self.H // (self.tiles.shape[0] * self.tiles.shape[1])
         total = torch.cumsum(self.live(0, self.q_len).sum(-1).sum(dim=(0, 1)) * spread, 0)  # pairs up to each row
-        step = max(1, GATHER_BUDGET // (2 * self.width))  # pairs per chunk (padding may double them)
-        most_rows = max(1, GATHER_BUDGET // (self.B * self.H * self.n_blocks))
+        step = max(1, VARLEN_BUDGET // (2 * self.width))  # pairs per chunk (padding may double them)
+        most_rows = max(1, VARLEN_BUDGET // (self.B * self.H * self.n_blocks))
         r0 = 0
         while r0 < self.q_len:
             base = int(total[r0 - 1]) if r0 else 0
@@ -147,7 +148,7 @@ class _Plan:
         rows = torch.full((int(n_pieces.sum()), P), -1, dtype=torch.long, device=kid.device)
         rows[piece, rank % P] = qrow
         blocks = torch.repeat_interleave(torch.arange(counts.numel(), device=kid.device), n_pieces)
-        step = max(1, GATHER_BUDGET // ((self.bk + P) * self.width))
+        step = max(1, VARLEN_BUDGET // ((self.bk + P) * self.width))
         return [(rows[j:j + step], blocks[j:j + step]) for j in range(0, blocks.numel(), step)]
 
     def keep(self, rows: torch.Tensor, blocks: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
@@ -178,7 +179,7 @@ def _rows(x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     return x[:, :, r0:r1].reshape(-1, x.shape[-1])
 
 
-class _GatherAttention(torch.autograd.Function):
+class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, q, k, v):
         kt, vt = plan.blocks(k), plan.blocks(v)
@@ -233,43 +234,43 @@ class _GatherAttention(torch.autograd.Function):
         return None, dq, dk, dv
 
 
-class GatherEngine:
+class VarlenEngine:
     """Exact attention on a per-query block selection, gathering each query's kept key blocks."""
 
-    name = "gather"
+    name = "varlen"
 
     def can_run(self, call: AttentionCall, spec: MaskSpec) -> str | None:
         _, _, reason = per_query_parts(spec.pattern)
         if reason is not None:
             return reason
         if spec.score_mod is not None:
-            return ("score_mod: gather runs selections without a score modification (this one adds one); "
+            return ("score_mod: varlen runs selections without a score modification (this one adds one); "
                     "use backend='blocksparse'")
         if call.attn_mask is not None:
-            return (f"attn_mask: gather runs attn_mask=None only (got a {call.attn_mask.dtype} mask); "
+            return (f"attn_mask: varlen runs attn_mask=None only (got a {call.attn_mask.dtype} mask); "
                     "use backend='blocksparse'")
         if call.dropout_p > 0:
-            return f"dropout_p={call.dropout_p}: gather runs dropout_p=0 only; use backend='dense'"
+            return f"dropout_p={call.dropout_p}: varlen runs dropout_p=0 only; use backend='dense'"
         return None
 
     def auto_skip(self, call: AttentionCall, spec: MaskSpec) -> str | None:
         if call.device.type != "cpu":
-            return (f"auto takes gather on CPU only (its cost rule is measured there); on "
-                    f"{call.device.type} it runs only when named (backend='gather')")
+            return (f"auto takes varlen on CPU only (its cost rule is measured there); on "
+                    f"{call.device.type} it runs only when named (backend='varlen')")
         sel, full, _ = per_query_parts(spec.pattern)
         plan = _Plan(call, sel, full)
         share, most = plan.kept_share(), 2 * plan.bk / (plan.bk + PAIR_KEYS)
         if share > most:
             return (f"this selection keeps {share:.0%} of the visible keys in blocks of {plan.bk}, where "
-                    f"blocksparse is faster on CPU (auto takes gather up to 2 * block_k / (block_k + "
-                    f"{PAIR_KEYS}) = {most:.0%}); gather runs only when named (backend='gather')")
+                    f"blocksparse is faster on CPU (auto takes varlen up to 2 * block_k / (block_k + "
+                    f"{PAIR_KEYS}) = {most:.0%}); varlen runs only when named (backend='varlen')")
         return None
 
     def run(self, call: AttentionCall, spec: MaskSpec) -> torch.Tensor:
         sel, full, reason = per_query_parts(spec.pattern)
         if reason is not None:
-            raise BackendUnavailableError(f"gather cannot run this call: {reason}")
+            raise BackendUnavailableError(f"varlen cannot run this call: {reason}")
         wd = torch.float64 if call.dtype == torch.float64 else torch.float32
         plan = _Plan(call, sel, full, max(call.query.shape[-1], call.value.shape[-1]))
-        out = _GatherAttention.apply(plan, call.query.to(wd), call.key.to(wd), call.value.to(wd))
+        out = _VarlenAttention.apply(plan, call.query.to(wd), call.key.to(wd), call.value.to(wd))
         return out.to(call.dtype)

@@ -1,7 +1,7 @@
-"""CPU timing of moba's attention on a fixed selection: dense causal SDPA vs blocksparse vs gather.
+"""CPU timing of moba's attention on a fixed selection: dense causal SDPA vs blocksparse vs varlen.
 
-    PYTHONPATH=src python scripts/bench_gather_cpu.py 4096 0.05 3     # L, density, reps
-    PYTHONPATH=src python scripts/bench_gather_cpu.py 16384 0.05 2
+    PYTHONPATH=src python scripts/bench_varlen_cpu.py 4096 0.05 3     # L, density, reps
+    PYTHONPATH=src python scripts/bench_varlen_cpu.py 16384 0.05 2
 
 B=1, H=4, D=64, float32; moba options of scripts/gpu/bench_dynamic.py (chunk_size = L // 64
 clamped to [16, 512]) with the given density. Prints forward and forward+backward milliseconds
@@ -36,7 +36,7 @@ def main(length=4096, density=0.05, reps=3):
           f"{sel.tile_density(128):.3f}, threads {torch.get_num_threads()}")
     runs = {"sdpa dense causal": lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
         a, b, c, is_causal=True)}
-    for backend in ("blocksparse", "gather"):
+    for backend in ("blocksparse", "varlen"):
         runs[backend] = lambda a, b, c, backend=backend: sel.attend(a, b, c, backend=backend)
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     print("| L | density | engine | forward ms | forward+backward ms |\n|---|---|---|---|---|")
