@@ -19,3 +19,14 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test: modules of many tiny ops use it (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): a second intra-op thread only adds synchronisation and
+    OpenMP spinning against the other xdist worker (measured: up to 4x the wall time on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,14 +27,7 @@ from attnkit.registry import get_method
 METHODS = ["dense", "sliding_window", "linear"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny calls: one torch thread per test process avoids OpenMP threads
-    spinning against the other xdist worker on a 2-core machine (speed is not what they check)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**changes):

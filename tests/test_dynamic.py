@@ -21,14 +21,7 @@ from helpers import inputs, rel_err
 DYNAMIC = ["h2o", "hip", "kinetics", "moba", "vmoba"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops (and loop-by-loop references): one CPU thread is faster
-    and immune to OpenMP stalls on a busy machine (see base.serial_on_cpu)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def claimed(name):

@@ -26,12 +26,7 @@ from helpers import inputs, rel_err
 METHODS = ["seer", "dma", "hcam", "landmark"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- seer ----------------------------------------------------------------------------------------

@@ -43,4 +43,6 @@ def test_chunked_memory_grows_linearly(name):
     # MiB at L = 65536 (B=1, H=2, D=Dv=32, float32); BASED's 561 Taylor features per token are ~1.4 GiB
     # of it (an L x L map would be 32 GiB)
     assert big < 2500, big
-    assert big / max(small, 1.0) < 6.0, (small, big)
+    # the 16k side can read low (a run under `-n 2` saw BASED grow 42 MiB at 16k, 350 alone: RSS peaks
+    # miss memory the allocator had already mapped), so the ratio uses a floor of 250 MiB
+    assert big / max(small, 250.0) < 6.0, (small, big)

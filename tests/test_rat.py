@@ -14,14 +14,7 @@ from attnkit.registry import get_method
 from helpers import inputs, rel_err
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run thousands of tiny ops: a second intra-op thread only adds synchronisation
-    (measured: 4x the wall time on a busy 2-core machine), so they run on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def definition(q, k, v, f, C, scale, rope):

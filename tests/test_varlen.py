@@ -24,12 +24,7 @@ OPTS = {"moba": {"chunk_size": 7, "density": 0.3}, "kinetics": {"chunk_size": 5,
         "vmoba": {"density": 0.3}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_pattern(pattern, q, k, v, causal=False, scale=None):
