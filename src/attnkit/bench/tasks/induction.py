@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .base import IGNORE, accuracy, heads_for, predictions, train
+from .base import IGNORE, accuracy, heads_for, predictions, train, train_examples
 
 
 def generate(num_examples: int, seq_len: int, vocab: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +57,7 @@ class Induction:
         from ...models import CausalLM
 
         s = scale.size
-        x, y = _data(max(4096, scale.batch * 64), s["seq_len"], s["vocab"], 1000 + seed)
+        x, y = _data(train_examples(scale), s["seq_len"], s["vocab"], 1000 + seed)
         torch.manual_seed(seed)
         model = CausalLM(s["vocab"], dim=width, depth=2, heads=heads_for(width), method=method, **options).to(device)
         info = train(model, x, y, steps=scale.steps, batch=scale.batch, lr=lr, device=device, seed=seed)

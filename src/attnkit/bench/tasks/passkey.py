@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .base import IGNORE, heads_for, predictions, train
+from .base import IGNORE, heads_for, predictions, train, train_examples
 
 FILLER = 16
 DIGITS = 10
@@ -70,7 +70,7 @@ class Passkey:
         from ...models import CausalLM
 
         s = scale.size
-        x, y, _ = _data(max(4096, scale.batch * 64), s["seq_len"], s["digits"], 1000 + seed, None)
+        x, y, _ = _data(train_examples(scale), s["seq_len"], s["digits"], 1000 + seed, None)
         torch.manual_seed(seed)
         model = CausalLM(VOCAB, dim=width, depth=2, heads=heads_for(width), method=method, **options).to(device)
         info = train(model, x, y, steps=scale.steps, batch=scale.batch, lr=lr, device=device, seed=seed)
