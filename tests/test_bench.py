@@ -402,8 +402,31 @@ def test_gpu_script_runs_in_pieces_on_cpu(tmp_path):
     args = ["bash", str(script), str(tmp_path / "out"), "tiny", "cpu", "--methods", "dense", "--tiers", "F2"]
     first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 3, first.stdout + first.stderr
-    env["PIECE_SECONDS"] = "600"
+    env.update(PIECE_SECONDS="600", OUT=str(tmp_path / "device-out"))
     second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming run" in second.stdout and (tmp_path / "out" / "report.html").exists()
     assert len(statuses(tmp_path / "out")) == len(PATTERNS)
+    back = [p for p in (tmp_path / "device-out").rglob("*") if p.is_file()]
+    assert 3 <= len(back) <= 8, back  # the device tool returns at most 8 files
+
+
+@pytest.mark.slow
+def test_pending_gpu_script_runs_on_cpu_and_packs_one_file(tmp_path):
+    """scripts/gpu/pending.sh cpu: every step runs at toy sizes; $OUT receives one archive."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    (tmp_path / "out").mkdir()
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),
+               PYTHONPATH=str(root / "src"))
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu" / "pending.sh"), "cpu"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.count("exit 0") == 3, done.stdout + done.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["pending.tar.gz"]
+    names = tarfile.open(tmp_path / "out" / "pending.tar.gz").getnames()
+    assert {"./linear/bench_linear.json", "./dynamic/bench_dynamic.json", "./patterns/bench_patterns.json"} <= set(names)

@@ -8,7 +8,8 @@
 #   bash scripts/gpu/bench_full.sh OUT tiny cpu           # the same code paths on a CPU in seconds (tests)
 #
 # Extra arguments after the third go to `attnkit bench` (e.g. --tiers K1,K2 --methods dense,moba).
-# If $OUT (the device tool's output folder) is set, the store and report are copied there after each call.
+# If $OUT (the device tool's output folder) is set, the store and report (PNGs in plots.tar) are copied there
+# after each call.
 set -uo pipefail
 out=${1:?usage: bench_full.sh OUT [PRESET=full] [DEVICE=cuda] [attnkit bench options...]}
 preset=${2:-full}
@@ -23,7 +24,9 @@ $python -m attnkit.cli bench --preset "$preset" --device "$device" --out "$out" 
     --time-limit "$piece" "$@"
 code=$?
 if [ -n "${OUT:-}" ] && [ -d "$out" ]; then
-  mkdir -p "$OUT/bench" && cp -r "$out"/results.sqlite "$out"/*.html "$out"/*.md "$out"/*.png "$OUT/bench/" 2>/dev/null
+  # the device tool brings back at most 8 files: the store, the report, the summary and one tar of the PNGs
+  mkdir -p "$OUT/bench" && cp "$out"/results.sqlite "$out"/*.html "$out"/*.md "$OUT/bench/" 2>/dev/null
+  (cd "$out" && ls *.png >/dev/null 2>&1 && tar -cf "$OUT/bench/plots.tar" *.png)
 fi
 case $code in
   0) echo "bench_full: finished; report in $out/report.html" ;;
