@@ -45,7 +45,7 @@ from ...options import Option
 from ...reference import causal_mask
 from ...registry import MethodInfo, options, register
 from ._gla import gla_chunked
-from .base import FormEngine, RecurrentMethod
+from .base import CHUNK_SIZE, RecurrentMethod, three_forms
 
 
 @dataclass
@@ -188,8 +188,7 @@ def parallel(call: AttentionCall) -> torch.Tensor:
     return (weights(call) @ _inputs(call)[2]).to(call.dtype)
 
 
-_ENGINES = (FormEngine("chunked", chunked), FormEngine("parallel", parallel),
-            FormEngine("recurrent", recurrent))
+_ENGINES = three_forms(chunked, parallel, recurrent)
 
 
 @register
@@ -202,8 +201,7 @@ class Aaren(RecurrentMethod):
         options=options(
             Option("shared_query", "bool", False, "every position has the same query (Aaren's learned "
                    "token, q expanded along L): O(L) scan instead of O(Lq*Lk)"),
-            Option("chunk_size", "int", 64, "chunk length of the chunked form (performance knob)",
-                   low=1, high=4096, tuning=True)),
+            CHUNK_SIZE),
         references="Feng et al. 2024, arXiv 2405.13956")
 
     def engines(self):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ...call import AttentionCall
+from ...options import Option
 from ...registry import Method
 
 
@@ -30,6 +31,16 @@ class FormEngine:
 
     def run(self, call: AttentionCall, plan: Any) -> torch.Tensor:
         return self._fn(call)
+
+
+def three_forms(chunked, parallel, recurrent) -> tuple[FormEngine, ...]:
+    """The engines of a method's three forms, in backend order (``chunked`` first: the default)."""
+    return (FormEngine("chunked", chunked), FormEngine("parallel", parallel), FormEngine("recurrent", recurrent))
+
+
+CHUNK_SIZE = Option("chunk_size", "int", 64, "chunk length of the chunked form (performance knob)",
+                    low=1, high=4096, tuning=True)
+"""The ``chunk_size`` option of methods whose chunk length changes speed only, not results."""
 
 
 class RecurrentMethod(Method):

@@ -49,7 +49,7 @@ from ...patterns.plan import cdiv
 from ...reference import causal_mask
 from ...registry import MethodInfo, options, register
 from ._gla import lower
-from .base import FormEngine, RecurrentMethod, causal_split
+from .base import CHUNK_SIZE, RecurrentMethod, causal_split, three_forms
 
 
 @dataclass
@@ -178,8 +178,7 @@ def recurrent(call: AttentionCall) -> torch.Tensor:
     return _finish(torch.stack(nums, 2), torch.stack(dens, 2), call)
 
 
-_ENGINES = (FormEngine("chunked", chunked), FormEngine("parallel", parallel),
-            FormEngine("recurrent", recurrent))
+_ENGINES = three_forms(chunked, parallel, recurrent)
 
 
 @register
@@ -195,8 +194,7 @@ class Based(RecurrentMethod):
             Option("feature_dim", "int", None, "q/k feature dimension d' (BASED: 16); the layer "
                    "projects q, k to it (None: 16); functional calls take it from q (must match if given)",
                    low=1, nullable=True),
-            Option("chunk_size", "int", 64, "chunk length of the chunked form (performance knob)",
-                   low=1, high=4096, tuning=True)),
+            CHUNK_SIZE),
         references="Arora et al. 2024, arXiv 2402.18668; github.com/HazyResearch/based")
 
     def engines(self):

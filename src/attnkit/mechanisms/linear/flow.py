@@ -49,7 +49,7 @@ from ...errors import ArgumentError
 from ...options import Option
 from ...registry import MethodInfo, options, register
 from ._gla import lower
-from .base import FormEngine, RecurrentMethod
+from .base import CHUNK_SIZE, RecurrentMethod, three_forms
 from .linear import chunked_causal
 
 
@@ -207,8 +207,7 @@ def recurrent_causal(qp, kp, v, call, state: FlowState | None):
     return torch.stack(outs, 2), FlowState(n, sq, sk, sko, sqi, se, kv)
 
 
-_ENGINES = (FormEngine("chunked", chunked), FormEngine("parallel", parallel),
-            FormEngine("recurrent", recurrent))
+_ENGINES = three_forms(chunked, parallel, recurrent)
 
 
 @register
@@ -223,8 +222,7 @@ class Flow(RecurrentMethod):
             Option("eps", "float", 1e-6, "added to each vector before the flow dot products", low=0.0),
             Option("clamp", "float", 1.0, "bound on the conserved outgoing flow (core code 1.0; "
                    "Flowformer_NLP 5.0)", low=0.0, open_low=True),
-            Option("chunk_size", "int", 64, "chunk length of the chunked form (performance knob)",
-                   low=1, high=4096, tuning=True)),
+            CHUNK_SIZE),
         references="Wu et al. 2022, arXiv 2202.06258; github.com/thuml/Flowformer")
 
     def engines(self):

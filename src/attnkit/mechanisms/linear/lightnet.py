@@ -50,7 +50,7 @@ from ...errors import OptionError
 from ...options import Option
 from ...registry import MethodInfo, options, register
 from ._gla import gla_chunked
-from .base import FormEngine, RecurrentMethod
+from .base import RecurrentMethod, three_forms
 
 POWERS_OF_TWO = tuple(2 ** i for i in range(11))
 
@@ -178,8 +178,7 @@ def parallel(call: AttentionCall) -> torch.Tensor:
     return (weights(call) @ _inputs(call)[2]).to(call.dtype)
 
 
-_ENGINES = (FormEngine("chunked", chunked), FormEngine("parallel", parallel),
-            FormEngine("recurrent", recurrent))
+_ENGINES = three_forms(chunked, parallel, recurrent)
 
 
 @register

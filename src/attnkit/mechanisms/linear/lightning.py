@@ -50,7 +50,7 @@ from ...errors import OptionError
 from ...options import Option
 from ...registry import MethodInfo, options, register
 from ._gla import gla_chunked, gla_recurrent
-from .base import FormEngine, RecurrentMethod
+from .base import CHUNK_SIZE, RecurrentMethod, three_forms
 
 
 def alibi_slopes(heads: int) -> list[float]:
@@ -145,8 +145,7 @@ def parallel(call: AttentionCall) -> torch.Tensor:
     return (weights(call) @ _inputs(call)[2]).to(call.dtype)
 
 
-_ENGINES = (FormEngine("chunked", chunked), FormEngine("parallel", parallel),
-            FormEngine("recurrent", recurrent))
+_ENGINES = three_forms(chunked, parallel, recurrent)
 
 
 @register
@@ -160,8 +159,7 @@ class Lightning(RecurrentMethod):
                    "ALiBi schedule 2^(-8h/H)", nullable=True),
             Option("slope_scale", "float", 1.0, "multiplies the slopes (TransNormerLLM: "
                    "1 - layer/(num_layers-1) + 1e-5)", low=0.0),
-            Option("chunk_size", "int", 64, "chunk length of the chunked form (performance knob)",
-                   low=1, high=4096, tuning=True)),
+            CHUNK_SIZE),
         references="Qin et al. 2023 (TransNormerLLM, arXiv 2307.14995); Qin et al. 2024 "
                    "(Lightning Attention-2, arXiv 2401.04658); github.com/OpenNLPLab/lightning-attention")
 

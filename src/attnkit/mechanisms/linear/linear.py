@@ -23,7 +23,7 @@ from ...options import Option
 from ...patterns.plan import cdiv
 from ...reference import causal_mask
 from ...registry import MethodInfo, options, register
-from .base import FormEngine, RecurrentMethod, causal_split
+from .base import CHUNK_SIZE, RecurrentMethod, causal_split, three_forms
 
 FEATURE_MAPS = {
     "elu": lambda x: F.elu(x) + 1.0,
@@ -139,8 +139,7 @@ def recurrent(call: AttentionCall) -> torch.Tensor:
     return _finish(num, den, call)
 
 
-_ENGINES = (FormEngine("chunked", chunked), FormEngine("parallel", parallel),
-            FormEngine("recurrent", recurrent))
+_ENGINES = three_forms(chunked, parallel, recurrent)
 
 
 @register
@@ -154,8 +153,7 @@ class Linear(RecurrentMethod):
                    choices=tuple(FEATURE_MAPS)),
             Option("normalize", "bool", True, "divide by sum_j phi(q)·phi(k_j)"),
             Option("eps", "float", 1e-6, "added to the normalizer", low=0.0),
-            Option("chunk_size", "int", 64, "chunk length of the chunked form (performance knob)",
-                   low=1, high=4096, tuning=True)),
+            CHUNK_SIZE),
         references="Katharopoulos et al. 2020, arXiv 2006.16236")
 
     def engines(self):
