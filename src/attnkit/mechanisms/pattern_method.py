@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..backends.blocksparse import BlockSparseEngine
-from ..backends.dense import DenseEngine
+from ..backends.dense import DenseEngine, combined_mask
 from ..backends.flex import FlexEngine
 from ..backends.mask_spec import MaskSpec
 from ..call import AttentionCall
@@ -53,13 +53,7 @@ class PatternMethod(Method):
 
     def oracle_inputs(self, call: AttentionCall) -> tuple[Any, Any]:
         spec = self.prepare(call)
-        keep = spec.pattern.dense(call.q_len, call.k_len, call.device)
-        bias = None
-        if call.attn_mask is not None:
-            if call.attn_mask.dtype == torch.bool:
-                keep = keep & call.attn_mask
-            else:
-                bias = call.attn_mask
+        keep, bias = combined_mask(call, spec)
         if spec.score_mod is not None:
             bias = _bias_of(call, spec) if bias is None else bias + _bias_of(call, spec)
         return keep, bias

@@ -25,7 +25,7 @@ from torch import nn
 from ...errors import ArgumentError
 from ...nn.cache import AttentionCache
 from ...nn.rope import apply_rope
-from ._training import cycled, learned_layer
+from ._training import learned_layer, train_only
 
 
 class DMALayer(nn.Module):
@@ -106,27 +106,13 @@ def train_bias(layer, data, steps: int = 100, lr: float = 1e-2) -> list[float]:
     only ``A`` and ``dt_proj`` train. Returns the mean squared error of each step."""
     inner = dma_layer(layer)
     params = [inner.A, *inner.dt_proj.parameters()]
-    others = [p for p in inner.parameters() if all(p is not q for q in params)]
-    saved = [p.requires_grad for p in others]
-    for p in others:
-        p.requires_grad_(False)
-    batches = cycled(data)
-    opt = torch.optim.Adam(params, lr=lr)
-    losses = []
-    try:
-        for _ in range(steps):
-            x = next(batches)
-            with torch.no_grad():
-                target = inner(x, method="dense")
-            loss = torch.nn.functional.mse_loss(inner(x), target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-    finally:
-        for p, r in zip(others, saved):
-            p.requires_grad_(r)
-    return losses
+
+    def loss_of(x):
+        with torch.no_grad():
+            target = inner(x, method="dense")
+        return torch.nn.functional.mse_loss(inner(x), target)
+
+    return train_only(inner, params, data, steps, torch.optim.Adam(params, lr=lr), loss_of)
 
 
 __all__ = ["DMALayer", "train_bias"]

@@ -39,7 +39,7 @@ from torch import nn
 from ...errors import ArgumentError, ShapeError
 from ...nn.rope import apply_rope
 from ...patterns.plan import cdiv
-from ._training import cycled, learned_layer
+from ._training import learned_layer, train_only
 from .base import key_means, rows_per_chunk
 
 MASKED = -1e9  # the official gate's fill value for masked blocks (finite: KL stays defined)
@@ -245,24 +245,8 @@ def train_gate(layer, data, steps: int = 100, lr: float = 1e-3) -> list[float]:
     frozen (and keeps its ``requires_grad``). Returns the loss of each step."""
     inner = seer_layer(layer)
     gate_params = list(inner.gate.parameters())
-    others = [p for p in inner.parameters() if all(p is not g for g in gate_params)]
-    saved = [p.requires_grad for p in others]
-    for p in others:
-        p.requires_grad_(False)
-    batches = cycled(data)
-    opt = torch.optim.AdamW(gate_params, lr=lr, weight_decay=0.0)
-    losses = []
-    try:
-        for _ in range(steps):
-            loss = inner.gate_loss(next(batches))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-    finally:
-        for p, r in zip(others, saved):
-            p.requires_grad_(r)
-    return losses
+    return train_only(inner, gate_params, data, steps, torch.optim.AdamW(gate_params, lr=lr, weight_decay=0.0),
+                      inner.gate_loss)
 
 
 def gate_recall(layer, x, density: float) -> float:
