@@ -24,7 +24,7 @@ from torch import nn
 from ..api import attend
 from ..errors import ArgumentError, ShapeError
 from ..registry import get_method
-from .cache import AttentionCache
+from .cache import AttentionCache, cross_keys_values
 from .rope import apply_rope
 
 
@@ -130,15 +130,7 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim))
 
     def _cross(self, q, context, cache, attn_mask):
-        if cache is not None and cache.key is not None and context is None:
-            k, v = cache.key, cache.value
-        else:
-            if context is None:
-                raise ArgumentError("a cross-attention layer needs context=(B, M, context_dim).")
-            k = self._split(self.k_proj(context), self.kv_heads)
-            v = self._split(self.v_proj(context), self.kv_heads)
-            if cache is not None:
-                cache.key, cache.value = k, v
+        k, v = cross_keys_values(self, context, cache)
         return self._attend(q, k, v, False, attn_mask)
 
     def _step(self, x, q, cache: AttentionCache, attn_mask):

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ArgumentError
+
 
 @dataclass
 class AttentionCache:
@@ -29,3 +31,18 @@ class AttentionCache:
             self.key = torch.cat([self.key, key], dim=2)
             self.value = torch.cat([self.value, value], dim=2)
         return self.key, self.value
+
+
+def cross_keys_values(layer, context: torch.Tensor | None, cache: AttentionCache | None):
+    """Keys and values of a cross-attention ``layer`` (one with ``k_proj``, ``v_proj``, ``kv_heads``
+    and ``_split``): projected from ``context``, or the cached ones when decoding passes no context;
+    a cache given with a context keeps the new projections."""
+    if cache is not None and cache.key is not None and context is None:
+        return cache.key, cache.value
+    if context is None:
+        raise ArgumentError("a cross-attention layer needs context=(B, M, context_dim).")
+    k = layer._split(layer.k_proj(context), layer.kv_heads)
+    v = layer._split(layer.v_proj(context), layer.kv_heads)
+    if cache is not None:
+        cache.key, cache.value = k, v
+    return k, v

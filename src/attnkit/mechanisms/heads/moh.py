@@ -45,7 +45,7 @@ from torch import nn
 from ...api import attend
 from ...call import ALL_PATTERNS
 from ...errors import ArgumentError, OptionError, ShapeError
-from ...nn.cache import AttentionCache
+from ...nn.cache import AttentionCache, cross_keys_values
 from ...nn.rope import apply_rope
 from ...options import Option
 from ...registry import Method, MethodInfo, get_method, options, register
@@ -124,15 +124,7 @@ class MoHLayer(nn.Module):
         B, L, dim = x.shape
         q = self._split(self.q_proj(x), self.heads)
         if self.cross:
-            if cache is not None and cache.key is not None and context is None:
-                k, v = cache.key, cache.value
-            else:
-                if context is None:
-                    raise ArgumentError("a cross-attention layer needs context=(B, M, context_dim).")
-                k = self._split(self.k_proj(context), self.kv_heads)
-                v = self._split(self.v_proj(context), self.kv_heads)
-                if cache is not None:
-                    cache.key, cache.value = k, v
+            k, v = cross_keys_values(self, context, cache)
             heads = self._attend(q, k, v, False)
         else:
             start = 0 if cache is None else cache.position
