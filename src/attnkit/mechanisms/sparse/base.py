@@ -196,19 +196,19 @@ def _permute(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, idx)
 
 
-SELECTION_ENGINES = tuple(SelectionEngine(e) for e in MASK_ENGINES)
-# methods whose selection is per query (BlockSelection with block_q = 1) also offer ``varlen``,
-# before blocksparse: ``auto`` takes it on CPU where it predicts it faster (flex keeps GPUs; see
-# backends/varlen.py)
-PER_QUERY_ENGINES = (SELECTION_ENGINES[0], SelectionEngine(VarlenEngine()), *SELECTION_ENGINES[1:])
-PER_QUERY_BACKENDS = tuple(e.name for e in PER_QUERY_ENGINES)
+# every engine a selection can run on, in auto's order; a method runs those its info.backends names.
+# Per-query selections (BlockSelection with block_q = 1) also list ``varlen``, before blocksparse:
+# ``auto`` takes it on CPU where it predicts it faster (flex keeps GPUs; see backends/varlen.py)
+SELECTION_ENGINES = (SelectionEngine(MASK_ENGINES[0]), SelectionEngine(VarlenEngine()),
+                     *(SelectionEngine(e) for e in MASK_ENGINES[1:]))
+PER_QUERY_BACKENDS = tuple(e.name for e in SELECTION_ENGINES)
 
 
 class DynamicMethod(PatternMethod):
     """Base of training-free dynamic-sparsity methods. Subclasses implement ``select(call)``
-    and ``check_options(call)`` (cross-option checks that need the call's shapes); a method
-    whose selection is per query lists ``PER_QUERY_BACKENDS`` in its info to add the ``varlen``
-    engine."""
+    and ``check_options(call)`` (cross-option checks that need the call's shapes); the engines
+    are those of ``SELECTION_ENGINES`` that ``info.backends`` names (``PER_QUERY_BACKENDS`` adds
+    ``varlen`` to the mask engines)."""
 
     def select(self, call: AttentionCall) -> Selection:
         raise NotImplementedError
@@ -217,7 +217,7 @@ class DynamicMethod(PatternMethod):
         """Raise OptionError for invalid option combinations (no selection work here)."""
 
     def engines(self):
-        return PER_QUERY_ENGINES if "varlen" in self.info.backends else SELECTION_ENGINES
+        return tuple(e for e in SELECTION_ENGINES if e.name in self.info.backends)
 
     def validate(self, call: AttentionCall) -> None:
         self.check_options(call)
