@@ -32,9 +32,9 @@ On CPU (torch <= 2.13) FlexAttention is forward-only and compiles for ~25 s, so 
 skips it there; on CUDA it is the first mask engine.
 
 Token order: a self-attention pattern may offer a tiled order (grid patterns: every block of 128
-tokens a compact box of the grid, :mod:`attnkit.patterns.grid_order`); the engine then gathers
-q, k, v into it, runs the reordered pattern and gathers the output back
-(:mod:`attnkit.backends.reorder`; the gathers are part of the call). ``describe(call, spec)`` (and
+tokens a compact box of the grid, :mod:`attnkit.patterns.grid_order`); the engine then moves
+q, k, v into it, runs the reordered pattern and moves the output back
+(:mod:`attnkit.backends.reorder`; the moves are part of the call). ``describe(call, spec)`` (and
 ``ak.explain(...).details``) says which order and block mask a call runs with.
 
 Settings (performance only, :mod:`attnkit.backends.flex_tuning`): ``kernel_options`` (FlexAttention's
@@ -60,10 +60,10 @@ from ..call import AttentionCall
 from ..errors import BackendUnavailableError, OptionError
 from ..patterns.base import Pattern
 from .flex_inputs import (FlexBlocks, as_tensor, build_blocks, family_key, leaves, map_leaves, probe_rule,
-                          rows_see_a_key, static_key, value_key)
+                          static_key, value_key)
 from .flex_tuning import check_kernel_options, check_kv_block, default_kernel_options
 from .mask_spec import MaskSpec
-from .reorder import Layout, Layouts, reorder
+from .reorder import Layout, Layouts
 
 CACHE_ENTRIES = 64  # parameter tensors and block masks kept per engine (LRU)
 CUDA_BLOCK_MULTIPLE = 128  # flex's Triton tiles must divide the sparse block
@@ -232,7 +232,6 @@ class FlexEngine:
     _blocks: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _probes: dict = field(default_factory=dict, repr=False)
     _layouts: Layouts = field(default_factory=Layouts, repr=False)
-    _safe_rows: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     def __post_init__(self):
         self.configure(kernel_options=self.kernel_options, kv_block=self.kv_block, token_tiling=self.token_tiling)
@@ -265,10 +264,10 @@ class FlexEngine:
         finally:
             self.configure(**before)
 
-    def _kernel_options(self, call: AttentionCall) -> tuple:
+    def _kernel_options(self, call: AttentionCall, blocks: FlexBlocks) -> tuple:
         options = self.kernel_options
         if options is None:
-            options = default_kernel_options(call.device.type, call.dtype, call.head_dim)
+            options = default_kernel_options(call.device.type, call.dtype, call.head_dim, blocks.row_tiles)
         return check_kernel_options(options)
 
     def _block_pair(self, spec: MaskSpec) -> tuple[int, int]:
@@ -309,26 +308,7 @@ class FlexEngine:
             return "attn_mask requires grad, which the flex engine does not differentiate (use backend='dense')"
         if spec.block % self._block_pair(spec)[1]:
             return f"kv_block={self.kv_block} must divide the query block {spec.block}"
-        why = self._probe(spec.pattern, call.q_len, call.k_len)
-        if why is None and dict(self._kernel_options(call)).get("ROWS_GUARANTEED_SAFE"):
-            why = self._rows_unsafe(call, spec)
-        return why
-
-    def _rows_unsafe(self, call: AttentionCall, spec: MaskSpec) -> str | None:
-        """Why ROWS_GUARANTEED_SAFE cannot be promised for this call (None: every row sees a key)."""
-        if call.attn_mask is not None:
-            return "kernel option ROWS_GUARANTEED_SAFE: the call's attn_mask may empty rows; drop the option"
-        pattern = spec.pattern
-        raw = pattern.params(call.q_len, call.k_len)
-        key = (family_key(pattern), pattern.describe(), value_key(leaves(raw)), call.q_len, call.k_len)
-        if key not in self._safe_rows:
-            self._safe_rows[key] = (rows_see_a_key(pattern, call.q_len, call.k_len), raw)
-            if len(self._safe_rows) > CACHE_ENTRIES:
-                self._safe_rows.popitem(last=False)
-        if self._safe_rows[key][0]:
-            return None
-        return (f"kernel option ROWS_GUARANTEED_SAFE: pattern {pattern.describe()} may leave a query row without "
-                "keys here (its diagonal is not all visible and some query block has no full tile); drop the option")
+        return self._probe(spec.pattern, call.q_len, call.k_len)
 
     def auto_skip(self, call: AttentionCall, spec: MaskSpec) -> str | None:
         if call.device.type == "cpu":
@@ -352,7 +332,7 @@ class FlexEngine:
         """How this call runs: token order, block mask, kernel options."""
         layout = self.layout(call, spec)
         bq, bk = self._block_pair(spec)
-        options = dict(self._kernel_options(call))
+        options = dict(self._kernel_options(call, self.blocks(call, spec)))
         return (f"FlexAttention over {layout.pattern.describe()}: {layout.note}; block mask {bq}x{bk}; "
                 f"kernel options {options or 'FlexAttention defaults'}")
 
@@ -361,9 +341,9 @@ class FlexEngine:
         layout = self.layout(call, spec)
         if not layout.reordered:
             return self._run(call, spec, layout.pattern)
-        q, k, v = (reorder(t, layout.index, layout.inverse) for t in (call.query, call.key, call.value))
+        q, k, v = (layout.into_order(t) for t in (call.query, call.key, call.value))
         out = self._run(replace(call, query=q, key=k, value=v), spec, layout.pattern)
-        return reorder(out, layout.inverse, layout.index)
+        return layout.out_of_order(out)
 
     def _run(self, call: AttentionCall, spec: MaskSpec, pattern: Pattern) -> torch.Tensor:
         raw = pattern.params(call.q_len, call.k_len)
@@ -379,7 +359,7 @@ class FlexEngine:
             ratio_value = call.scale / default_scale
             ratio = self._device_params(("scale", ratio_value), {"r": ratio_value}, call.device,
                                         torch.float32)[0]["r"]
-        options = self._kernel_options(call)
+        options = self._kernel_options(call, blocks)
         variant = self._variant(call, spec, family, static_key(flat), blocks, options)
         mods = tuple(spec.mod_tensors)
         shapes = _shapes((call.query, call.key, call.value, call.attn_mask, *mods), params_shapes, blocks)

@@ -151,6 +151,7 @@ class FlexBlocks:
     full_q_idx: torch.Tensor
     block: int
     block_k: int
+    row_tiles: float  # tiles computed per query block, averaged (kernel defaults depend on it)
 
     @property
     def shapes(self) -> tuple:
@@ -187,7 +188,8 @@ def blocks_from_states(states: torch.Tensor, block: int | tuple[int, int],
     fkv_num, fkv_idx = _ordered(full)
     q_num, q_idx = _ordered(partial.transpose(-1, -2))
     fq_num, fq_idx = _ordered(full.transpose(-1, -2))
-    return FlexBlocks(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx, block_q, block_k)
+    row_tiles = (int(kv_num.sum()) + int(fkv_num.sum())) / max(1, kv_num.numel())
+    return FlexBlocks(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx, block_q, block_k, row_tiles)
 
 
 def build_blocks(pattern: Pattern, q_len: int, k_len: int, block: int | tuple[int, int], device,
@@ -195,17 +197,3 @@ def build_blocks(pattern: Pattern, q_len: int, k_len: int, block: int | tuple[in
     """The block mask of ``pattern`` at these lengths, from its (analytic) block plan."""
     plan = pattern.block_plan(q_len, k_len, block, device)
     return blocks_from_states(plan.states.to(device), block, demote_full)
-
-
-def rows_see_a_key(pattern: Pattern, q_len: int, k_len: int, block: int = 128) -> bool:
-    """Whether every query row of ``pattern`` sees at least one key, proved cheaply: for
-    self-attention its diagonal is all visible (``O(L)`` rule evaluations), else every query block
-    has a full tile in the plan. False means "not proved"."""
-    if q_len == k_len:
-        b, h, q, _ = pattern.index_grid(q_len, k_len)
-        p = pattern.params(q_len, k_len)
-        diagonal = pattern.rule(b, h, q[..., 0], q[..., 0], p)
-        if bool(diagonal.all()):
-            return True
-    states = pattern.block_plan(q_len, k_len, block).states
-    return bool((states == FULL).any(-1).all())

@@ -4,8 +4,8 @@
   FlexKernelOptions``): tile sizes ``BLOCK_M`` / ``BLOCK_N`` (forward; ``fwd_`` / ``bwd_``
   prefixes and ``BLOCK_M1`` ... ``BLOCK_N2`` for the backward pass), ``num_warps``,
   ``num_stages``, ``PRESCALE_QK`` (q scaled before the product: different bf16 rounding),
-  ``USE_TMA``, ``WRITE_DQ``, ``ROWS_GUARANTEED_SAFE`` (skips the empty-row guard; the engine
-  accepts it only where it proves every row sees a key). Refused: ``BLOCKS_ARE_CONTIGUOUS``
+  ``USE_TMA``, ``WRITE_DQ``. Refused: ``ROWS_GUARANTEED_SAFE`` (NaN outputs measured where every
+  row does see a key), ``BLOCKS_ARE_CONTIGUOUS``
   (wrong results unless each row's partial and full tiles are runs of consecutive blocks, which
   attnkit's plans do not promise), ``BACKEND`` (another kernel), the internal ``OUTPUT_*``.
   Each distinct set of options is its own compiled kernel.
@@ -16,19 +16,24 @@
   gradients are needed on CUDA.
 - ``token_tiling``: run patterns that offer a token order (grid patterns) in it.
 
-``default_kernel_options`` is where measured defaults go (empty: torch's own heuristics).
+``default_kernel_options``: the measured defaults (64-row forward tiles for narrow plans).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..errors import OptionError, did_you_mean
 
 _BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
 _INTS = ("num_warps", "num_stages")
-_FLAGS = ("PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "WRITE_DQ", "USE_TMA", "FORCE_USE_FLEX_ATTENTION")
+_FLAGS = ("PRESCALE_QK", "WRITE_DQ", "USE_TMA", "FORCE_USE_FLEX_ATTENTION")
 REFUSED = {
+    "ROWS_GUARANTEED_SAFE": "on an H200 (torch 2.11, Triton 3.6) it gave NaN in half of the outputs of a "
+                            "+-256 sliding window, where every query row sees keys (scripts/gpu/bench_patterns.py "
+                            "--sweep, setting rows_safe); drop it",
     "BLOCKS_ARE_CONTIGUOUS": "it gives wrong results unless every row's partial and full tiles are runs of "
                              "consecutive blocks, which attnkit's block plans do not promise",
     "BACKEND": "it selects another kernel; the flex engine runs FlexAttention's Triton kernel",
@@ -76,10 +81,24 @@ def check_kv_block(kv_block: int | None) -> int | None:
     return kv_block
 
 
-def default_kernel_options(device_type: str, dtype, head_dim: int) -> dict[str, Any]:
-    """attnkit's defaults where the engine sets none (empty: FlexAttention's own heuristics).
-    Set from ``scripts/gpu/bench_patterns.py --sweep`` measurements."""
+# Forward tiles for narrow plans, from scripts/gpu/bench_patterns.py --sweep on an H200 (torch 2.11,
+# Triton 3.6, bf16, B1 H16 L32768 D128, same run as cuDNN): a +-256 window (5.0 tiles per query
+# block) went 0.574 -> 0.519 ms forward (2.17 -> 2.11 ms forward+backward); wider plans did not gain
+# (window +-1024, 17 tiles: 1.46 -> 1.48 ms; 2-D neighbourhood, 8.3 tiles: 2.05 -> 2.26 ms).
+NARROW_ROW_TILES = 6.0
+NARROW_FORWARD = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
+
+
+def default_kernel_options(device_type: str, dtype, head_dim: int, row_tiles: float) -> dict[str, Any]:
+    """attnkit's settings where the engine is given none: FlexAttention's own heuristics, except
+    64-row forward tiles for plans of at most ``NARROW_ROW_TILES`` tiles per query block on CUDA in
+    16-bit at head dim 128 (where it was measured, above). ``row_tiles``: the plan's tiles computed
+    per query block, averaged."""
+    if (device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim == 128
+            and row_tiles <= NARROW_ROW_TILES):
+        return dict(NARROW_FORWARD)
     return {}
 
 
-__all__ = ["REFUSED", "check_kernel_options", "check_kv_block", "default_kernel_options"]
+__all__ = ["NARROW_FORWARD", "NARROW_ROW_TILES", "REFUSED", "check_kernel_options", "check_kv_block",
+           "default_kernel_options"]
