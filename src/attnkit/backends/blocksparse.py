@@ -9,7 +9,7 @@ Score modifications (relative bias, softcap...) are differentiated, tensors incl
 re-running them under autograd inside the backward pass.
 
 A self-attention pattern that offers a token order (grid patterns' tiles) runs in it: q, k, v are
-gathered into the order and the output gathered back (:mod:`attnkit.backends.reorder`), so the
+moved into the order and the output moved back (:mod:`attnkit.backends.reorder`), so the
 tiles visited are compact boxes of the grid (``token_tiling = False`` keeps the call's order).
 """
 
@@ -24,7 +24,7 @@ from ..call import AttentionCall
 from ..patterns.base import _to_device
 from ..patterns.plan import cdiv
 from .mask_spec import MaskSpec
-from .reorder import Layout, Layouts, reorder
+from .reorder import Layout, Layouts
 
 # elements of one (q-chunk x tile-chunk) score tensor; several such tensors live at once
 SCORE_BUDGET = 1 << 22
@@ -309,6 +309,6 @@ class BlockSparseEngine:
         layout = self.layout(call, spec)
         if not layout.reordered:
             return blocksparse_attention(call, spec)
-        q, k, v = (reorder(t, layout.index, layout.inverse) for t in (call.query, call.key, call.value))
+        q, k, v = (layout.into_order(t) for t in (call.query, call.key, call.value))
         out = blocksparse_attention(replace(call, query=q, key=k, value=v), replace(spec, pattern=layout.pattern))
-        return reorder(out, layout.inverse, layout.index)
+        return layout.out_of_order(out)
