@@ -412,8 +412,8 @@ def test_gpu_script_runs_in_pieces_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_pending_gpu_script_runs_on_cpu_and_packs_one_file(tmp_path):
-    """scripts/gpu/pending.sh cpu: every step runs at toy sizes; $OUT receives one archive."""
+def test_issues_gpu_script_runs_on_cpu_and_packs_one_file(tmp_path):
+    """scripts/gpu/issues_4_5.sh cpu: every step runs at toy sizes; $OUT receives one archive."""
     import os
     import subprocess
     import sys
@@ -424,9 +424,10 @@ def test_pending_gpu_script_runs_on_cpu_and_packs_one_file(tmp_path):
     (tmp_path / "out").mkdir()
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),
                PYTHONPATH=str(root / "src"))
-    done = subprocess.run(["bash", str(root / "scripts" / "gpu" / "pending.sh"), "cpu"], cwd=root, env=env,
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu" / "issues_4_5.sh"), "cpu"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.count("exit 0") == 3, done.stdout + done.stderr
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["pending.tar.gz"]
-    names = tarfile.open(tmp_path / "out" / "pending.tar.gz").getnames()
-    assert {"./linear/bench_linear.json", "./dynamic/bench_dynamic.json", "./patterns/bench_patterns.json"} <= set(names)
+    assert done.returncode == 0 and done.stdout.count("exit 0") == 4, done.stdout + done.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["issues_4_5.tar.gz"]
+    names = tarfile.open(tmp_path / "out" / "issues_4_5.tar.gz").getnames()
+    assert {"./linear/bench_linear.json", "./linear_rat/bench_linear.json", "./moves/bench_token_moves.json",
+            "./patterns/bench_patterns.json"} <= set(names)

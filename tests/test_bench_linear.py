@@ -30,11 +30,14 @@ def test_bench_linear_cpu_smoke(tmp_path):
     assert "| lightning |" in (tmp_path / "bench_linear.md").read_text()
 
 
-def test_efficiency_length_is_the_positive_root():
+def test_crossovers_use_the_benchmark_fit():
+    """The script's crossover is K3's (largest positive root; an earlier smallest-root version gave
+    81 tokens for a method 1.5x slower than dense at 32k)."""
     bench = _load()
-    L = [1000, 2000, 4000, 8000]
-    dense = [2e-6 * x * x for x in L]
-    method = [0.01 * x + 10 for x in L]
-    root = bench.efficiency_length(L, dense, method)
-    assert abs(2e-6 * root * root - (0.01 * root + 10)) < 1e-6
-    assert bench.measured_crossover(L, dense, method) == 8000
+    L = [2048, 4096, 8192, 16384, 32768, 65536]
+    dense = [0.425, 0.816, 2.024, 7.103, 27.979, 109.548]
+    method = [2.563, 4.699, 9.298, 18.670, 37.153, 74.012]  # fla:based fwd+bwd, H200 run of 2026-11-27
+    rows = [{"case": c, "mode": "fwd", "L": n, "ms": t} for c, ts in (("dense", dense), ("m", method))
+            for n, t in zip(L, ts)]
+    cx = bench.crossovers(rows, L, ["fwd"])["m/fwd"]
+    assert cx["measured"] == 65536 and 32768 < cx["efficiency_length"] < 65536

@@ -64,11 +64,12 @@ def test_markdown_table_lists_every_case():
               "dense": {"reference": "sdpa", "fwd_ms": 2.0, "kernels": {"sdpa": {"fwd_ms": 2.0, "fwd_tflops": 0.1}}},
               "cases": [{"case": "window_16", "pair_density": 0.06, "tile_density": 0.6, "fwd_ms": 1.0,
                          "fwd_tflops": 0.1, "fwd_speedup": 2.0, "fwd_merit": 1.2, "block_mask_ms": 0.2,
+                         "tile_density_call_order": 0.6, "fwd_merit_call_order": 1.2,
                          "compile_fwd_s": 20.0, "tiles": "row-major"},
                         {"case": "radial", "skipped": "UnknownMethodError: unknown method 'radial'"}],
               "notes": ["forward+backward skipped: FlexAttention has no backward pass on CPU"]}
     table = bench.markdown(result)
-    assert "| window_16 | row-major | 0.06 | 0.6 | 1 |" in table and "radial | skipped" in table and "no backward" in table
+    assert "| window_16 | row-major | 0.06 | 0.6 | 0.6 | 1 |" in table and "radial | skipped" in table and "no backward" in table
 
 
 def test_bad_arguments_exit_with_a_message(tmp_path):

@@ -10,9 +10,9 @@ backend is timed, forward and forward+backward, at L in {2k, 4k, 8k, 16k, 32k, 6
     attnkit's ``linear``), ``chunk_lightning_attn`` (layer 0 of 1), ``fused_chunk_based``.
 Timing: warm-up calls (fla's Triton autotuning happens there), then the median of repeated calls
 (CUDA events on GPU), inputs fixed per length. Tokens/s = B * L / time. Crossover with dense per
-method: measured (the first L where the method is faster) and CAB's efficiency length (fit dense
-``a L^2 + b L + c`` and the method ``d L + e`` by least squares; the positive root of their
-difference). Outputs ``bench_linear.json`` and ``bench_linear.md`` under ``--out``; the card name
+method: the benchmark's K3 (:func:`attnkit.bench.ops.efficiency_length`): measured (the shortest L
+from which the method stays faster) and CAB's efficiency length (dense fitted with a quadratic in L,
+the method with a line without its shortest length; the largest positive root of the difference). Outputs ``bench_linear.json`` and ``bench_linear.md`` under ``--out``; the card name
 and versions are printed and stored. A correctness cross-check against fla (relative error of
 the forward at the smallest length) is recorded where the math is the same.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import time
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import attnkit as ak
+from attnkit.bench.ops import efficiency_length
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -151,35 +151,6 @@ def fla_cases():
     return cases, notes
 
 
-# -- crossover ----------------------------------------------------------------------------------
-def efficiency_length(lengths, dense_ms, method_ms):
-    """CAB's efficiency length: dense fitted ``a L^2 + b L + c``, the method ``d L + e``; the
-    positive root of their difference (None when the fits never cross)."""
-    pts = [(L, d, m) for L, d, m in zip(lengths, dense_ms, method_ms) if d is not None and m is not None]
-    if len(pts) < 3:
-        return None
-    Ls = torch.tensor([p[0] for p in pts], dtype=torch.float64)
-    a, b, c = torch.linalg.lstsq(torch.stack([Ls ** 2, Ls, torch.ones_like(Ls)], 1),
-                                 torch.tensor([p[1] for p in pts], dtype=torch.float64)[:, None]).solution[:, 0].tolist()
-    d, e = torch.linalg.lstsq(torch.stack([Ls, torch.ones_like(Ls)], 1),
-                              torch.tensor([p[2] for p in pts], dtype=torch.float64)[:, None]).solution[:, 0].tolist()
-    A, Bc, C = a, b - d, c - e
-    if abs(A) < 1e-30:
-        return -C / Bc if Bc and -C / Bc > 0 else None
-    disc = Bc * Bc - 4 * A * C
-    if disc < 0:
-        return None
-    roots = [r for r in ((-Bc + math.sqrt(disc)) / (2 * A), (-Bc - math.sqrt(disc)) / (2 * A)) if r > 0]
-    return min(roots) if roots else None
-
-
-def measured_crossover(lengths, dense_ms, method_ms):
-    for L, d, m in zip(lengths, dense_ms, method_ms):
-        if d is not None and m is not None and m < d:
-            return L
-    return None
-
-
 # -- main ---------------------------------------------------------------------------------------
 def environment(device):
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": device,
@@ -247,6 +218,7 @@ def main(argv=None):
     # a run cut short by --budget-s still has our methods, each beside its fla baseline)
     cases = [("dense", "sdpa-cudnn" if device == "cuda" else "sdpa", dense(device))]
     fla, fla_notes = fla_cases() if device == "cuda" else ({}, {"fla": "not run on CPU (Triton kernels)"})
+    fla = {name: case for name, case in fla.items() if name in dict(chosen)}  # fla's first calls autotune: slow
     for name, opts in chosen:
         cases.append((name, "attnkit", ours(name, opts, args.chunk_size)))
         if name in fla:
@@ -301,10 +273,13 @@ def crossovers(rows, lengths, modes):
         if case == "dense":
             continue
         for mode in modes:
-            d = [table.get(("dense", mode, L)) for L in lengths]
-            m = [table.get((case, mode, L)) for L in lengths]
-            out[f"{case}/{mode}"] = {"measured": measured_crossover(lengths, d, m),
-                                     "efficiency_length": efficiency_length(lengths, d, m)}
+            both = [(L, table.get(("dense", mode, L)), table.get((case, mode, L))) for L in lengths]
+            both = [(L, d, m) for L, d, m in both if d is not None and m is not None]
+            if not both:
+                continue
+            k3 = efficiency_length(*zip(*both), drop_first=True)  # the benchmark's K3 (CAB's fit)
+            out[f"{case}/{mode}"] = {"measured": k3["measured"], "efficiency_length": k3["fit"],
+                                     "note": k3.get("fit_note")}
     return out
 
 
@@ -351,7 +326,7 @@ def markdown(result, lengths, modes):
             cx = result["crossover"].get(f"{case}/{mode}", {})
             eff = cx.get("efficiency_length")
             measured = cx.get("measured")
-            lines.append(f"| {case} | " + " | ".join(cells) + f" | {measured or '—'} | "
+            lines.append(f"| {case} | " + " | ".join(cells) + f" | {f'{measured:.0f}' if measured else '—'} | "
                          + (f"{eff:.0f}" if eff else "—") + " |")
         lines.append("")
     if result["fla_cross_check"]:

@@ -4,7 +4,7 @@ For each case (sliding window +-256 and +-1024, 2-D and 3-D neighborhood, radial
 forward and forward+backward milliseconds of
 
 - ``ak.attend(..., method=NAME, backend="flex")`` (block mask from the analytic block plan; grid
-  patterns run in their tiled token order, the gathers of q, k, v and of the output included; the
+  patterns run in their tiled token order, the moves of q, k, v and of the output included; the
   kernel alone on already-reordered tokens is ``fwd_kernel_ms``),
 - plain FlexAttention: ``torch.compile(flex_attention)`` with ``create_block_mask`` over the same
   rule as ``mask_mod`` (the block mask built by evaluating the rule on the whole L x L grid),
@@ -12,9 +12,13 @@ forward and forward+backward milliseconds of
 
 with the density (fraction of visible pairs, and of computed 128x128 tiles), effective TFLOP/s
 (``4 B H L^2 D x tile density`` forward, ``x 3.5`` forward+backward), block-mask build times and
-compile times apart from the run times, and the figure of merit ``(speedup over cuDNN) x tile
-density`` (1.0 = time proportional to the computed tiles; FlexAttention's own was 0.54 for a
-+-256 window at L=32768 on an H200, /work/shared/perf/anchors.md).
+compile times apart from the run times, and two figures of merit ``(speedup over cuDNN) x tile
+density`` (FlexAttention's own was 0.54 for a +-256 window at L=32768 on an H200,
+/work/shared/perf/anchors.md, with the density of the pattern's tiles in the call's order):
+``merit`` takes the tiles attnkit computes (1.0 = time proportional to them; a token order that
+computes fewer tiles lowers it as it speeds the call up), ``merit (call order)`` takes the
+pattern's tiles in the call's order, as the anchor did (what plain FlexAttention computes; above
+1.0 only by computing fewer tiles). Both are equal for patterns run in the call's order.
 
 Timing: ``triton.testing.do_bench`` median (else CUDA events, median), warm-up and the first
 (compiling) call excluded, inputs rotated over several copies so no call reuses the previous
@@ -217,6 +221,8 @@ def run_case(name, method, options, args, dense, rot_f, rot_b) -> dict:
         times.append((time.perf_counter() - t0) * 1e3)
     row["block_mask_ms"] = statistics.median(times)
     row["tile_density"] = blocks.tile_density
+    row["tile_density_call_order"] = (build_blocks(pattern, L, L, BLOCK, device).tile_density
+                                      if layout.reordered else blocks.tile_density)
     row["pair_density"] = pair_density(pattern, L, device)
 
     def ours(q, k, v):
@@ -238,6 +244,7 @@ def run_case(name, method, options, args, dense, rot_f, rot_b) -> dict:
         row["fwd_speedup"] = ref / row["fwd_ms"]
         row["fwd_merit"] = row["fwd_speedup"] * row["tile_density"]
         row["fwd_merit_pairs"] = row["fwd_speedup"] * row["pair_density"]
+        row["fwd_merit_call_order"] = row["fwd_speedup"] * row["tile_density_call_order"]
     if rot_b is not None:
         row["compile_fwdbwd_s"] = first_call_s(forward_backward(ours, rot_b), device)
         row["fwdbwd_ms"] = bench_ms(forward_backward(ours, rot_b), device, args.reps)
@@ -247,6 +254,7 @@ def run_case(name, method, options, args, dense, rot_f, rot_b) -> dict:
         if ref:
             row["fwdbwd_speedup"] = ref / row["fwdbwd_ms"]
             row["fwdbwd_merit"] = row["fwdbwd_speedup"] * row["tile_density"]
+            row["fwdbwd_merit_call_order"] = row["fwdbwd_speedup"] * row["tile_density_call_order"]
     if not args.no_plain_flex:
         try:
             plain_baseline(row, ours, pattern, args, rot_f, rot_b)
@@ -274,6 +282,17 @@ SWEEP = {
                 ("window", "grid"), False),
     "bwd_64": ({"kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
                                    "bwd_num_warps": 4, "bwd_num_stages": 3}}, ("window", "grid"), True),
+    # after the 2026-11-27 H200 sweep (bm64_w4 was the only forward gain, on window +-256): the two
+    # flags apart (together they gave NaN outputs), and 64-row forward tiles with the backward's defaults
+    "prescale": ({"kernel_options": {"PRESCALE_QK": True}}, ("window",), True),
+    "rows_safe": ({"kernel_options": {"ROWS_GUARANTEED_SAFE": True}}, ("window",), True),
+    **{f"fwd_m64_n{n}_s{s}": ({"kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": n, "fwd_num_warps": 4,
+                                                  "fwd_num_stages": s}}, ("window",), True)
+       for n, s in ((64, 2), (64, 3), (64, 4), (128, 2))},
+    "bwd_m32_n128": ({"kernel_options": {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                                         "bwd_BLOCK_N2": 32, "bwd_num_warps": 4, "bwd_num_stages": 3}}, ("window",), True),
+    "bwd_w4_s2": ({"kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                                      "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 2}}, ("window",), True),
 }
 
 
@@ -309,7 +328,9 @@ def sweep_case(name, method, options, args, dense, rot_f, rot_b) -> list[dict]:
                 row["tile_density"] = FLEX.blocks(call, spec).tile_density
                 row["layout"] = FLEX.layout(call, spec).note
                 with torch.no_grad():
-                    row["max_abs_diff"] = float((ours(q, k, v).float() - reference).abs().max())
+                    out = ours(q, k, v).float()
+                row["max_abs_diff"] = float((out - reference).abs().max())
+                row["nan_outputs"] = int(out.isnan().sum())
                 row["fwd_ms"] = bench_ms(forward(ours, rot_f), args.device, args.reps)
                 if dense.get("fwd_ms"):
                     row["fwd_merit"] = dense["fwd_ms"] / row["fwd_ms"] * row["tile_density"]
@@ -394,20 +415,23 @@ def markdown(result: dict) -> str:
         else:
             lines.append(f"| {name} | {fmt(row.get('fwd_ms'))} | {fmt(row.get('fwdbwd_ms'))} | "
                          f"{fmt(row.get('fwd_tflops'))} | {fmt(row.get('fwdbwd_tflops'))} |")
-    lines += ["", "| case | order | pairs | tiles | fwd ms | fwd kernel ms | fwd TFLOP/s | fwd speedup | fwd merit | "
-              "fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd speedup | fwd+bwd merit | plain flex fwd / fwd+bwd ms | "
+    lines += ["", "| case | order | pairs | tiles | tiles in call order | fwd ms | fwd kernel ms | fwd TFLOP/s | "
+              "fwd speedup | fwd merit | fwd merit (call order) | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd speedup | "
+              "fwd+bwd merit | fwd+bwd merit (call order) | plain flex fwd / fwd+bwd ms | "
               "block mask ms (ours / plain) | compile s (fwd / fwd+bwd) | max abs diff vs plain |",
-              "|" + "---|" * 17]
+              "|" + "---|" * 20]
     for row in result["cases"]:
         if "skipped" in row:
-            lines.append(f"| {row['case']} | skipped: {row['skipped'][:120]} |" + " |" * 15)
+            lines.append(f"| {row['case']} | skipped: {row['skipped'][:120]} |" + " |" * 18)
             continue
         lines.append(
             f"| {row['case']} | {row.get('tiles', '')} | {fmt(row['pair_density'])} | {fmt(row['tile_density'])} | "
-            f"{fmt(row['fwd_ms'])} | {fmt(row.get('fwd_kernel_ms'))} | "
+            f"{fmt(row.get('tile_density_call_order'))} | {fmt(row['fwd_ms'])} | {fmt(row.get('fwd_kernel_ms'))} | "
             f"{fmt(row['fwd_tflops'])} | {fmt(row.get('fwd_speedup'))} | {fmt(row.get('fwd_merit'), 2)} | "
+            f"{fmt(row.get('fwd_merit_call_order'), 2)} | "
             f"{fmt(row.get('fwdbwd_ms'))} | {fmt(row.get('fwdbwd_tflops'))} | {fmt(row.get('fwdbwd_speedup'))} | "
-            f"{fmt(row.get('fwdbwd_merit'), 2)} | {fmt(row.get('plain_fwd_ms'))} / {fmt(row.get('plain_fwdbwd_ms'))} | "
+            f"{fmt(row.get('fwdbwd_merit'), 2)} | {fmt(row.get('fwdbwd_merit_call_order'), 2)} | "
+            f"{fmt(row.get('plain_fwd_ms'))} / {fmt(row.get('plain_fwdbwd_ms'))} | "
             f"{fmt(row['block_mask_ms'])} / {fmt(row.get('plain_block_mask_ms'))} | "
             f"{fmt(row['compile_fwd_s'], 2)} / {fmt(row.get('compile_fwdbwd_s'), 2)} | "
             f"{fmt(row.get('max_abs_diff_vs_plain'), 2)} |")
@@ -417,7 +441,8 @@ def markdown(result: dict) -> str:
                   "above):", "", "| case | setting | tiles | fwd ms | fwd merit | fwd+bwd ms | fwd+bwd merit | "
                   "max abs diff vs default | note |", "|" + "---|" * 9]
         for case, s in sweeps:
-            note = s.get("error") or s.get("skipped") or ""
+            note = s.get("error") or s.get("skipped") or (f"{s['nan_outputs']} NaN outputs" if s.get("nan_outputs")
+                                                         else "")
             lines.append(f"| {case} | {s['setting']} | {fmt(s.get('tile_density'))} | {fmt(s.get('fwd_ms'))} | "
                          f"{fmt(s.get('fwd_merit'), 2)} | {fmt(s.get('fwdbwd_ms'))} | {fmt(s.get('fwdbwd_merit'), 2)} | "
                          f"{fmt(s.get('max_abs_diff'), 2)} | {note[:120]} |")

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# The GPU measurements still open after the 2026-11-27 session, in one call of under ten minutes:
-#   1. bench_linear: our linear methods (after the chunked-scan backward fix) beside cuDNN dense and
-#      flash-linear-attention, in the same run (issue #5);
-#   2. bench_dynamic for the per-query methods, with the varlen engine timed beside flex (varlen_ms);
-#   3. bench_patterns --sweep: flex settings per pattern (issue #4).
+# The GPU measurements of issues #4 (exact patterns) and #5 (linear layers) in one call of under ten
+# minutes, as run on 2026-11-27 (docs/results/README.md):
+#   1. bench_linear: our linear / recurrent methods beside cuDNN dense and flash-linear-attention,
+#      same run (rat, quadratic by design, last: it is the slowest);
+#   2. bench_token_moves: ways to move tokens into a grid's tiled order;
+#   3. bench_patterns: every pattern on the flex engine beside cuDNN and plain FlexAttention.
 # Each step has its own budget and timeout, so a slow one cannot starve the next. Everything is
-# written under WORK and packed into $OUT/pending.tar.gz (the device tool brings back at most 8 files;
-# run 2 of bench_linear lost its outputs to that limit).
+# written under WORK and packed into $OUT/issues_4_5.tar.gz (the device tool brings back at most 8
+# files).
 #
 #   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=src:/tmp/site
-#   bash scripts/gpu/pending.sh            # on one H100/H200, with .whl carried (fla, einops)
-#   bash scripts/gpu/pending.sh cpu        # the same steps at toy sizes on a CPU (tests)
+#   bash scripts/gpu/issues_4_5.sh          # on one H100/H200, with .whl carried (fla, einops)
+#   bash scripts/gpu/issues_4_5.sh cpu      # the same steps at toy sizes on a CPU (tests)
 set -uo pipefail
 device=${1:-cuda}
-work=${WORK:-/tmp/pending}
+work=${WORK:-/tmp/issues_4_5}
 python=${PYTHON:-python}
 mkdir -p "$work"
 step() {  # name, timeout seconds, command...
@@ -23,17 +24,20 @@ step() {  # name, timeout seconds, command...
   echo "   exit $? ; last lines:"; tail -4 "$work/$name.log" | sed 's/^/   /'
 }
 if [ "$device" = cuda ]; then
-  step linear 270 $python scripts/gpu/bench_linear.py --out "$work/linear" --budget-s 220 --budget 0.15 --max-call-s 1.5
-  step dynamic 150 $python scripts/gpu/bench_dynamic.py --out "$work/dynamic" --methods moba,vmoba,kinetics --budget-s 120
-  step patterns 130 $python scripts/gpu/bench_patterns.py --out "$work/patterns" --no-plain-flex --sweep --budget-s 100
+  step linear 280 $python scripts/gpu/bench_linear.py --out "$work/linear" --budget-s 240 --budget 0.15 --max-call-s 1.5 \
+      --methods aaren based flow lightnet lightning linear
+  step linear_rat 70 $python scripts/gpu/bench_linear.py --out "$work/linear_rat" --methods rat --budget-s 50 --budget 0.15
+  step moves 80 $python scripts/gpu/bench_token_moves.py --out "$work/moves"
+  step patterns 200 $python scripts/gpu/bench_patterns.py --out "$work/patterns" --budget-s 165
 else
   step linear 120 $python scripts/gpu/bench_linear.py --device cpu --dtype float32 --heads 2 --dim 16 --based-dim 4 \
-      --lengths 64 128 --budget 0.02 --budget-s 60 --out "$work/linear"
-  step dynamic 120 $python scripts/gpu/bench_dynamic.py --device cpu --dtype float32 --out "$work/dynamic" \
-      --methods moba --length 512 --heads 2 --dim 16 --densities 0.25 --reps 1 --recall-rows 16 --budget-s 60
+      --lengths 64 128 --budget 0.02 --budget-s 60 --out "$work/linear" --methods lightning linear
+  step linear_rat 60 $python scripts/gpu/bench_linear.py --device cpu --dtype float32 --heads 2 --dim 16 \
+      --lengths 64 128 --budget 0.02 --budget-s 30 --out "$work/linear_rat" --methods rat
+  step moves 60 $python scripts/gpu/bench_token_moves.py --device cpu --tiny --out "$work/moves"
   step patterns 120 $python scripts/gpu/bench_patterns.py --device cpu --tiny --cases window_16 --no-plain-flex --no-backward \
       --out "$work/patterns" --budget-s 60
 fi
 if [ -n "${OUT:-}" ]; then
-  tar -czf "$OUT/pending.tar.gz" -C "$work" . && echo "packed $(du -h "$OUT/pending.tar.gz" | cut -f1) into \$OUT/pending.tar.gz"
+  tar -czf "$OUT/issues_4_5.tar.gz" -C "$work" . && echo "packed $(du -h "$OUT/issues_4_5.tar.gz" | cut -f1) into \$OUT/issues_4_5.tar.gz"
 fi
