@@ -63,8 +63,8 @@ def test_engine_in_tiled_order_matches_oracle(grid, kernel_size, block, engine):
     L = prod(grid)
     opts = dict(grid=grid, kernel_size=kernel_size, block_size=block)
     g = torch.Generator().manual_seed(L)
-    base = [torch.randn(1, 2, L, 8, generator=g, dtype=torch.float64) for _ in range(3)]
-    explained = ak.explain(*base, method="neighborhood", backend=engine, **opts)
+    base = [torch.randn(1, heads, L, 8, generator=g, dtype=torch.float64) for heads in (2, 1, 1)]  # GQA
+    explained = ak.explain(*base, method="neighborhood", backend=engine, enable_gqa=True, **opts)
     assert "tokens reordered" in explained.details, explained.details
     mask = ak.patterns.neighborhood(grid=grid, kernel_size=kernel_size).to_dense(L, L)
     leaves = [t.clone().requires_grad_() for t in base]
@@ -73,7 +73,7 @@ def test_engine_in_tiled_order_matches_oracle(grid, kernel_size, block, engine):
     want_grads = torch.autograd.grad((want * w).sum(), leaves)
     for dtype in (torch.float64, torch.float32):
         ins = [t.to(dtype).requires_grad_() for t in base]
-        out = ak.attend(*ins, method="neighborhood", backend=engine, **opts)
+        out = ak.attend(*ins, method="neighborhood", backend=engine, enable_gqa=True, **opts)
         assert rel_err(out, want) <= TOL[dtype], (dtype, rel_err(out, want))
         for got, ref in zip(torch.autograd.grad((out * w.to(dtype)).sum(), ins), want_grads):
             assert rel_err(got, ref) <= TOL[dtype]

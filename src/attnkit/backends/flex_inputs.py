@@ -164,8 +164,7 @@ class FlexBlocks:
     @property
     def tile_density(self) -> float:
         """Fraction of tiles computed (partial or full), over ``Bp x Hp x nQ x nK``."""
-        computed = int(self.kv_num.sum()) + int(self.full_kv_num.sum())
-        return computed / max(1, self.kv_idx.numel())
+        return self.row_tiles / max(1, self.kv_idx.shape[-1])
 
 
 def _ordered(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

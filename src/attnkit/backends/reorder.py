@@ -34,6 +34,7 @@ from .flex_inputs import family_key, leaves, value_key
 from .mask_spec import MaskSpec
 
 CACHE_ENTRIES = 64
+ROW_INDEX_ENTRIES = 8  # row indices kept per layout, one per batch x heads seen
 
 
 class _RowGather(torch.autograd.Function):
@@ -86,6 +87,8 @@ class Layout:
             n = self.starts.numel()
             offsets = torch.arange(batch_heads, device=self.starts.device)[:, None] * n
             rows = (offsets + self.starts[None]).flatten()
+            if len(self._rows) >= ROW_INDEX_ENTRIES:
+                self._rows.pop(next(iter(self._rows)))
             hit = self._rows[batch_heads] = (rows, torch.argsort(rows))
         return hit
 
