@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from attnkit.backends.flex import FlexEngine
-from attnkit.backends.flex_tuning import NARROW_FORWARD, check_kernel_options, check_kv_block, default_kernel_options
+from attnkit.backends.flex_tuning import (NARROW_FORWARD, TILED_KV_BLOCK, check_kernel_options, check_kv_block,
+                                         default_kernel_options, default_kv_block)
 from attnkit.errors import OptionError
 
 
@@ -51,9 +52,18 @@ def test_tuned_restores_the_settings():
 
 
 def test_narrow_plans_get_64_row_forward_tiles_only_where_measured():
-    assert default_kernel_options("cuda", torch.bfloat16, 128, 5.0) == NARROW_FORWARD
+    window_256, neighborhood_2d = 5.0 * 128, 8.25 * 128  # keys per query block (H200 sweep cases)
+    assert default_kernel_options("cuda", torch.bfloat16, 128, window_256) == NARROW_FORWARD
     assert all(name.startswith("fwd_") for name in NARROW_FORWARD)  # the backward keeps torch's tiles
-    assert default_kernel_options("cuda", torch.bfloat16, 128, 8.25) == {}
-    assert default_kernel_options("cuda", torch.float32, 128, 5.0) == {}
-    assert default_kernel_options("cuda", torch.bfloat16, 64, 5.0) == {}
-    assert default_kernel_options("cpu", torch.bfloat16, 128, 5.0) == {}
+    assert default_kernel_options("cuda", torch.bfloat16, 128, neighborhood_2d) == {}
+    assert default_kernel_options("cuda", torch.float32, 128, window_256) == {}
+    assert default_kernel_options("cuda", torch.bfloat16, 64, window_256) == {}
+    assert default_kernel_options("cpu", torch.bfloat16, 128, window_256) == {}
+
+
+def test_tiled_forward_only_cuda_calls_get_64_key_blocks():
+    assert default_kv_block("cuda", 128, tiled=True, needs_grad=False) == TILED_KV_BLOCK == 64
+    assert default_kv_block("cuda", 128, tiled=True, needs_grad=True) is None  # sm90 backward tiles: 128
+    assert default_kv_block("cuda", 128, tiled=False, needs_grad=False) is None
+    assert default_kv_block("cuda", 64, tiled=True, needs_grad=False) is None
+    assert default_kv_block("cpu", 128, tiled=True, needs_grad=False) is None

@@ -220,9 +220,13 @@ def run_case(name, method, options, args, dense, rot_f, rot_b) -> dict:
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     row["block_mask_ms"] = statistics.median(times)
-    row["tile_density"] = blocks.tile_density
-    row["tile_density_call_order"] = (build_blocks(pattern, L, L, BLOCK, device).tile_density
-                                      if layout.reordered else blocks.tile_density)
+    # the forward (no grad) and forward+backward calls may run different plans: forward-only calls of
+    # tiled grid layouts take 64-key blocks on CUDA (flex_tuning.default_kv_block)
+    row["tile_density"] = FLEX.blocks(call, spec).tile_density
+    row["tile_density_fwdbwd"] = (FLEX.blocks(AttentionCall.build(*rot_b.sets[0]), spec).tile_density
+                                  if rot_b is not None else row["tile_density"])
+    row["kv_block"] = FLEX.blocks(call, spec).block_k
+    row["tile_density_call_order"] = build_blocks(pattern, L, L, BLOCK, device).tile_density
     row["pair_density"] = pair_density(pattern, L, device)
 
     def ours(q, k, v):
@@ -249,11 +253,11 @@ def run_case(name, method, options, args, dense, rot_f, rot_b) -> dict:
         row["compile_fwdbwd_s"] = first_call_s(forward_backward(ours, rot_b), device)
         row["fwdbwd_ms"] = bench_ms(forward_backward(ours, rot_b), device, args.reps)
         row["compile_fwdbwd_s"] = max(0.0, row["compile_fwdbwd_s"] - row["fwdbwd_ms"] / 1e3)
-        row["fwdbwd_tflops"] = 3.5 * flops / row["fwdbwd_ms"] / 1e9
+        row["fwdbwd_tflops"] = 3.5 * flops * row["tile_density_fwdbwd"] / row["tile_density"] / row["fwdbwd_ms"] / 1e9
         ref = dense.get("fwdbwd_ms")
         if ref:
             row["fwdbwd_speedup"] = ref / row["fwdbwd_ms"]
-            row["fwdbwd_merit"] = row["fwdbwd_speedup"] * row["tile_density"]
+            row["fwdbwd_merit"] = row["fwdbwd_speedup"] * row["tile_density_fwdbwd"]
             row["fwdbwd_merit_call_order"] = row["fwdbwd_speedup"] * row["tile_density_call_order"]
     if not args.no_plain_flex:
         try:
@@ -337,8 +341,9 @@ def sweep_case(name, method, options, args, dense, rot_f, rot_b) -> list[dict]:
                 if backward and rot_b is not None:
                     first_call_s(forward_backward(ours, rot_b), args.device)
                     row["fwdbwd_ms"] = bench_ms(forward_backward(ours, rot_b), args.device, args.reps)
+                    density = FLEX.blocks(AttentionCall.build(*rot_b.sets[0]), spec).tile_density  # its own plan
                     if dense.get("fwdbwd_ms"):
-                        row["fwdbwd_merit"] = dense["fwdbwd_ms"] / row["fwdbwd_ms"] * row["tile_density"]
+                        row["fwdbwd_merit"] = dense["fwdbwd_ms"] / row["fwdbwd_ms"] * density
         except Exception as err:  # noqa: BLE001 - a setting that cannot compile is a result too
             row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:240] if str(err).strip() else ''}"
         if args.device == "cuda":
@@ -386,7 +391,7 @@ def dense_baselines(args, rot_f, rot_b) -> dict:
         if "fwd_ms" in row:
             row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
         if "fwdbwd_ms" in row:
-            row["fwdbwd_tflops"] = 3.5 * flops / row["fwdbwd_ms"] / 1e9
+            row["fwdbwd_tflops"] = 3.5 * flops * row["tile_density_fwdbwd"] / row["tile_density"] / row["fwdbwd_ms"] / 1e9
         out["kernels"][name] = row
         if "reference" not in out and "fwd_ms" in row:
             out.update(reference=name, fwd_ms=row["fwd_ms"], fwdbwd_ms=row.get("fwdbwd_ms"))
@@ -448,7 +453,8 @@ def markdown(result: dict) -> str:
                          f"{fmt(s.get('max_abs_diff'), 2)} | {note[:120]} |")
     for row in result["cases"]:
         if row.get("layout"):
-            lines.append(f"\n- {row['case']}: {row['layout']}")
+            kv = row.get("kv_block")
+            lines.append(f"\n- {row['case']}: {row['layout']}" + (f"; forward key block {kv}" if kv else ""))
     for note in result["notes"]:
         lines.append(f"\n- {note}")
     for row in result["cases"]:

@@ -61,9 +61,9 @@ from ..errors import BackendUnavailableError, OptionError
 from ..patterns.base import Pattern
 from .flex_inputs import (FlexBlocks, as_tensor, build_blocks, family_key, leaves, map_leaves, probe_rule,
                           static_key, value_key)
-from .flex_tuning import check_kernel_options, check_kv_block, default_kernel_options
+from .flex_tuning import check_kernel_options, check_kv_block, default_kernel_options, default_kv_block
 from .mask_spec import MaskSpec
-from .reorder import Layout, Layouts
+from .reorder import Layout, Layouts, offers_order
 
 CACHE_ENTRIES = 64  # parameter tensors and block masks kept per engine (LRU)
 CUDA_BLOCK_MULTIPLE = 128  # flex's Triton tiles must divide the sparse block
@@ -267,11 +267,15 @@ class FlexEngine:
     def _kernel_options(self, call: AttentionCall, blocks: FlexBlocks) -> tuple:
         options = self.kernel_options
         if options is None:
-            options = default_kernel_options(call.device.type, call.dtype, call.head_dim, blocks.row_tiles)
+            options = default_kernel_options(call.device.type, call.dtype, call.head_dim, blocks.row_keys)
         return check_kernel_options(options)
 
-    def _block_pair(self, spec: MaskSpec) -> tuple[int, int]:
-        return spec.block, self.kv_block or spec.block
+    def _block_pair(self, call: AttentionCall, spec: MaskSpec) -> tuple[int, int]:
+        kv_block = self.kv_block
+        if kv_block is None:
+            kv_block = default_kv_block(call.device.type, spec.block, self.token_tiling and offers_order(spec.pattern),
+                                        _needs_grad(call, spec))
+        return spec.block, kv_block or spec.block
 
     # -- selection ----------------------------------------------------------------------
     def can_run(self, call: AttentionCall, spec: MaskSpec) -> str | None:
@@ -306,7 +310,7 @@ class FlexEngine:
             return "FlexAttention has no attention dropout (dropout_p > 0); use backend='dense'"
         if call.attn_mask is not None and call.attn_mask.requires_grad:
             return "attn_mask requires grad, which the flex engine does not differentiate (use backend='dense')"
-        if spec.block % self._block_pair(spec)[1]:
+        if spec.block % self._block_pair(call, spec)[1]:
             return f"kv_block={self.kv_block} must divide the query block {spec.block}"
         return self._probe(spec.pattern, call.q_len, call.k_len)
 
@@ -326,12 +330,12 @@ class FlexEngine:
     # -- execution ----------------------------------------------------------------------
     def layout(self, call: AttentionCall, spec: MaskSpec) -> Layout:
         """The token order and pattern this call runs with (cached)."""
-        return self._layouts.get(call, spec, self._block_pair(spec), self.token_tiling)
+        return self._layouts.get(call, spec, self._block_pair(call, spec), self.token_tiling)
 
     def describe(self, call: AttentionCall, spec: MaskSpec) -> str:
         """How this call runs: token order, block mask, kernel options."""
         layout = self.layout(call, spec)
-        bq, bk = self._block_pair(spec)
+        bq, bk = self._block_pair(call, spec)
         options = dict(self._kernel_options(call, self.blocks(call, spec)))
         return (f"FlexAttention over {layout.pattern.describe()}: {layout.note}; block mask {bq}x{bk}; "
                 f"kernel options {options or 'FlexAttention defaults'}")
@@ -352,7 +356,7 @@ class FlexEngine:
         params, params_shapes = self._device_params((family, values), raw, call.device)
         bool_mask = call.attn_mask is not None and call.attn_mask.dtype == torch.bool
         blocks = self._cached_blocks(call, pattern, (family, pattern.describe(), values), bool_mask, raw,
-                                     self._block_pair(spec))
+                                     self._block_pair(call, spec))
         default_scale = 1.0 / math.sqrt(call.head_dim)
         ratio = None
         if call.scale != default_scale:  # a cached device scalar: no host-to-device copy per call
@@ -411,7 +415,7 @@ class FlexEngine:
         pattern = self.layout(call, spec).pattern
         raw = pattern.params(call.q_len, call.k_len)
         key = (family_key(pattern), pattern.describe(), value_key(leaves(raw)))
-        return self._cached_blocks(call, pattern, key, demote_full, raw, self._block_pair(spec))
+        return self._cached_blocks(call, pattern, key, demote_full, raw, self._block_pair(call, spec))
 
     def _cached_blocks(self, call: AttentionCall, pattern: Pattern, key: tuple, demote_full: bool,
                        raw: dict, block: tuple[int, int]) -> FlexBlocks:

@@ -162,6 +162,11 @@ class FlexBlocks:
                 self.q_num, self.q_idx, self.full_q_num, self.full_q_idx)
 
     @property
+    def row_keys(self) -> float:
+        """Keys computed per query block, averaged (tiles x key block)."""
+        return self.row_tiles * self.block_k
+
+    @property
     def tile_density(self) -> float:
         """Fraction of tiles computed (partial or full), over ``Bp x Hp x nQ x nK``."""
         return self.row_tiles / max(1, self.kv_idx.shape[-1])

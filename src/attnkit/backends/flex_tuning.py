@@ -14,9 +14,12 @@
   kernel's ``BLOCK_N`` to divide it (the H100 forward default is 64) and its backward pass's
   default tiles (``BLOCK_N1 = 128`` on sm90) do not divide 64, so the engine refuses it where
   gradients are needed on CUDA.
+  Default (``None``): 64 for forward-only CUDA calls of patterns run in a tiled token order with
+  the 128 query block (``default_kv_block``), else the query block.
 - ``token_tiling``: run patterns that offer a token order (grid patterns) in it.
 
-``default_kernel_options``: the measured defaults (64-row forward tiles for narrow plans).
+``default_kernel_options`` and ``default_kv_block``: the measured defaults (64-row forward tiles
+for narrow plans; 64-key blocks for forward-only tiled grid calls).
 """
 
 from __future__ import annotations
@@ -82,23 +85,39 @@ def check_kv_block(kv_block: int | None) -> int | None:
 
 
 # Forward tiles for narrow plans, from scripts/gpu/bench_patterns.py --sweep on an H200 (torch 2.11,
-# Triton 3.6, bf16, B1 H16 L32768 D128, same run as cuDNN): a +-256 window (5.0 tiles per query
+# Triton 3.6, bf16, B1 H16 L32768 D128, same run as cuDNN): a +-256 window (640 keys per query
 # block) went 0.574 -> 0.519 ms forward (2.17 -> 2.11 ms forward+backward); wider plans did not gain
 # (window +-1024, 17 tiles: 1.46 -> 1.48 ms; 2-D neighbourhood, 8.3 tiles: 2.05 -> 2.26 ms).
-NARROW_ROW_TILES = 6.0
+NARROW_ROW_KEYS = 768  # 6 key blocks of 128
 NARROW_FORWARD = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
 
 
-def default_kernel_options(device_type: str, dtype, head_dim: int, row_tiles: float) -> dict[str, Any]:
+# Key blocks of 64 for tiled grid layouts, forward only (the sm90 backward's tiles need 128), from the
+# same sweep: the tiled plan computes 32 % fewer tile area (2-D 16x8: 1,440 vs 2,112 tiles of
+# 128 x 128; 3-D 2x8x8: 3,388 vs 4,840) and the forward went 2.05 -> 1.71 ms (2-D neighbourhood
+# 128x256, 17x17) and 3.79 -> 2.89 ms (3-D 8x64x64, 3x15x15), both with the gathers of then.
+TILED_KV_BLOCK = 64
+
+
+def default_kv_block(device_type: str, block: int, tiled: bool, needs_grad: bool) -> int | None:
+    """attnkit's key block where none is set: ``TILED_KV_BLOCK`` for a forward-only CUDA call of a
+    pattern run in a tiled token order (``tiled``) with the 128 query block; else None (the query
+    block)."""
+    if device_type == "cuda" and tiled and not needs_grad and block == 128:
+        return TILED_KV_BLOCK
+    return None
+
+
+def default_kernel_options(device_type: str, dtype, head_dim: int, row_keys: float) -> dict[str, Any]:
     """attnkit's settings where the engine is given none: FlexAttention's own heuristics, except
-    64-row forward tiles for plans of at most ``NARROW_ROW_TILES`` tiles per query block on CUDA in
-    16-bit at head dim 128 (where it was measured, above). ``row_tiles``: the plan's tiles computed
-    per query block, averaged."""
+    64-row forward tiles for plans of at most ``NARROW_ROW_KEYS`` keys per query block on CUDA in
+    16-bit at head dim 128 (where it was measured, above). ``row_keys``: keys computed per query
+    block (tiles x key block), averaged."""
     if (device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim == 128
-            and row_tiles <= NARROW_ROW_TILES):
+            and row_keys <= NARROW_ROW_KEYS):
         return dict(NARROW_FORWARD)
     return {}
 
 
-__all__ = ["NARROW_FORWARD", "NARROW_ROW_TILES", "REFUSED", "check_kernel_options", "check_kv_block",
-           "default_kernel_options"]
+__all__ = ["NARROW_FORWARD", "NARROW_ROW_KEYS", "REFUSED", "TILED_KV_BLOCK", "check_kernel_options",
+           "check_kv_block", "default_kernel_options", "default_kv_block"]
