@@ -15,7 +15,8 @@ JSON also records the ``dense`` form on the same plan as ``dense_form_ms``); the
 the keys a query reads and their tile density is not defined (``-``).
 The attention runs on ``backend="flex"`` when the methods offer it on this device, else on
 ``blocksparse``; every row records its backend. Methods with per-query selections (moba, vmoba,
-kinetics) are also timed on the ``varlen`` engine (``varlen_ms``). Rows also give the kept
+kinetics) are also timed on the ``varlen`` engine (``varlen_ms``) on a CPU, and on a GPU with
+``--varlen`` (an H200 took 12.5 s per moba call at L = 32768 there, against flex's 0.16 s). Rows also give the kept
 density (over the pairs dense attention uses), the fraction of 128x128 tiles an engine visits,
 and the softmax-mass recall of the selection (dense attention's probability mass on the kept
 keys, averaged over ``--recall-rows`` evenly spaced queries). Writes ``bench_dynamic.json`` and
@@ -200,7 +201,7 @@ def method_row(name, density, q, k, v, args, device, backend) -> dict:
             row["backend"] = "blocksparse"
             row["attention_ms"], _ = timed(lambda: sel.attend(q, k, v, backend="blocksparse"), args.reps, device)
         row["total_ms"] = row["selection_ms"] + row["attention_ms"]
-        if "varlen" in ak.method_info(name).backends:  # per-query selections: the varlen engine too
+        if args.varlen and "varlen" in ak.method_info(name).backends:  # per-query selections: varlen too
             try:
                 row["varlen_ms"], _ = timed(lambda: sel.attend(q, k, v, backend="varlen"), args.reps, device)
             except Exception as err:  # recorded, never hidden
@@ -275,7 +276,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--recall-rows", type=int, default=1024)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--budget-s", type=float, default=210.0, help="skip the remaining rows after this long")
+    ap.add_argument("--varlen", action=argparse.BooleanOptionalAction, default=None,
+                    help="time the varlen engine too (default: on CPU only)")
     args = ap.parse_args(argv)
+    if args.varlen is None:
+        args.varlen = args.device == "cpu"
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     g = torch.Generator(device=device).manual_seed(0)
