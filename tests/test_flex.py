@@ -268,3 +268,29 @@ def test_score_mod_tensor_gradients_on_gpu():
     want = torch.autograd.grad((ref * w).sum(), (q, table))
     for g, r in zip(got, want):
         assert rel_err(g, r) <= TOL32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the measured defaults apply on CUDA only")
+def test_measured_defaults_take_effect_and_stay_exact_on_gpu():
+    """flex_tuning's defaults (H200 sweep): a forward-only call of a tiled grid layout runs 64-key
+    blocks, its training call 128; a narrow window gets 64-row forward tiles. Outputs (and the
+    training call's gradients) still match the oracle at bf16 tolerance."""
+    torch.manual_seed(0)
+    grid_opts = dict(grid=(32, 64), kernel_size=(7, 7))
+    q, k, v = (torch.randn(1, 2, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    forward_only = ak.explain(q, k, v, method="neighborhood", backend="flex", **grid_opts).details
+    assert "tokens reordered" in forward_only and "block mask 128x64" in forward_only, forward_only
+    with torch.no_grad():
+        out = ak.attend(q, k, v, method="neighborhood", backend="flex", **grid_opts)
+    want = truth("neighborhood", q, k, v, is_causal=False, **grid_opts)
+    assert rel_err(out, want) <= 2e-2
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    training = ak.explain(*leaves, method="neighborhood", backend="flex", **grid_opts).details
+    assert "block mask 128x128" in training, training
+    out = ak.attend(*leaves, method="neighborhood", backend="flex", **grid_opts)
+    assert rel_err(out, want) <= 2e-2
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    window = ak.explain(q, k, v, method="sliding_window", backend="flex", left=128, right=128).details
+    assert "fwd_BLOCK_M" in window, window

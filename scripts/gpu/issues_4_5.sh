@@ -4,7 +4,8 @@
 #   1. bench_linear: our linear / recurrent methods beside cuDNN dense and flash-linear-attention,
 #      same run (rat, quadratic by design, last: it is the slowest);
 #   2. bench_token_moves: ways to move tokens into a grid's tiled order;
-#   3. bench_patterns: every pattern on the flex engine beside cuDNN and plain FlexAttention.
+#   3. bench_patterns: every pattern on the flex engine beside cuDNN and plain FlexAttention;
+#   4. (GPU only) the flex tests marked gpu: gradients, and the measured defaults in effect and exact.
 # Each step has its own budget and timeout, so a slow one cannot starve the next. Everything is
 # written under WORK and packed into $OUT/issues_4_5.tar.gz (the device tool brings back at most 8
 # files).
@@ -29,6 +30,7 @@ if [ "$device" = cuda ]; then
   step linear_rat 70 $python scripts/gpu/bench_linear.py --out "$work/linear_rat" --methods rat --budget-s 50 --budget 0.15
   step moves 80 $python scripts/gpu/bench_token_moves.py --out "$work/moves"
   step patterns 200 $python scripts/gpu/bench_patterns.py --out "$work/patterns" --budget-s 165
+  step gpu_tests 120 $python -m pytest -q -m gpu tests/test_flex.py -p no:cacheprovider
 else
   step linear 120 $python scripts/gpu/bench_linear.py --device cpu --dtype float32 --heads 2 --dim 16 --based-dim 4 \
       --lengths 64 128 --budget 0.02 --budget-s 60 --out "$work/linear" --methods lightning linear
