@@ -427,7 +427,7 @@ def test_issues_gpu_script_runs_on_cpu_and_packs_one_file(tmp_path):
     done = subprocess.run(["bash", str(root / "scripts" / "gpu" / "issues_4_5.sh"), "cpu"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.count("exit 0") == 4, done.stdout + done.stderr
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["issues_4_5.tar.gz"]
-    names = tarfile.open(tmp_path / "out" / "issues_4_5.tar.gz").getnames()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["issues_4_5_cpu.tar.gz"]
+    names = tarfile.open(tmp_path / "out" / "issues_4_5_cpu.tar.gz").getnames()
     assert {"./linear/bench_linear.json", "./linear_rat/bench_linear.json", "./moves/bench_token_moves.json",
             "./patterns/bench_patterns.json"} <= set(names)
