@@ -122,3 +122,14 @@ def test_pattern_argument_runs_a_pattern_object():
     got = ak.attend(q, k, v, pattern=p, is_causal=True)
     want = ak.reference(q, k, v, mask=p.to_dense(40, 40), is_causal=True)
     assert rel_err(got, want) < 1e-12
+
+
+def test_readme_tour_runs():
+    """The README's short tour, as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    tour = re.search(r"## A short tour\s+```python\n(.*?)```", text, re.S)
+    assert tour, "README.md has no short tour"
+    exec(compile(tour.group(1), "README.md tour", "exec"), {})

@@ -90,3 +90,56 @@ def test_flex_in_tiled_order_matches_oracle_on_cpu():
         with torch.no_grad():
             out = ak.attend(q, k, v, method="neighborhood", backend="flex", **opts)
         assert rel_err(out, truth("neighborhood", q, k, v, is_causal=False, **opts)) <= 1e-5
+
+
+# -- tokens given in the tiled order (token_order='tiled'): nothing moves ---------------------------
+@pytest.mark.parametrize("grid,kernel_size,block", CASES)
+@pytest.mark.parametrize("engine", ["blocksparse", "dense"])
+def test_tiled_tokens_run_without_moves_and_match(grid, kernel_size, block, engine):
+    L = prod(grid)
+    opts = dict(grid=grid, kernel_size=kernel_size, block_size=block)
+    order = ak.token_order("neighborhood", L, **opts)
+    assert "tokens reordered into" in order.description
+    assert order.description in ak.explain(*(torch.zeros(1, 1, L, 8),) * 3, method="neighborhood",
+                                           backend="blocksparse", **opts).details  # the engines' own order
+    g = torch.Generator().manual_seed(L + 1)
+    base = [torch.randn(1, heads, L, 8, generator=g, dtype=torch.float64) for heads in (2, 1, 1)]
+    mask = ak.patterns.neighborhood(grid=grid, kernel_size=kernel_size).to_dense(L, L)
+    leaves = [t.clone().requires_grad_() for t in base]
+    want = ak.reference(*leaves, mask=mask)
+    w = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    want_grads = torch.autograd.grad((want * w).sum(), leaves)
+    tiled = [t[:, :, order.order].clone().requires_grad_() for t in base]
+    if engine == "blocksparse":  # the dense engine has no token order to report
+        assert "call's token order" in ak.explain(*tiled, method="neighborhood", backend=engine, enable_gqa=True,
+                                                  token_order="tiled", **opts).details
+    out = ak.attend(*tiled, method="neighborhood", backend=engine, enable_gqa=True, token_order="tiled", **opts)
+    assert rel_err(out[:, :, order.inverse], want) <= 1e-10
+    grads = torch.autograd.grad((out * w[:, :, order.order]).sum(), tiled)
+    for got, ref in zip(grads, want_grads):
+        assert rel_err(got[:, :, order.inverse], ref) <= 1e-10
+
+
+def test_tiled_tokens_errors_name_the_way_out():
+    with pytest.raises(ak.ArgumentError, match="no token_order option.*neighborhood"):
+        ak.token_order("sliding_window", 512, left=3)
+    with pytest.raises(ak.OptionError, match="no tiled order.*token_order='call'"):
+        ak.token_order("neighborhood", 512, grid=(16, 32), kernel_size=3)
+    x = torch.zeros(1, 1, 512, 8)
+    with pytest.raises(ak.OptionError, match="token_order.*'call', 'tiled'"):
+        ak.attend(x, x, x, method="neighborhood", grid=(16, 32), kernel_size=7, token_order="zigzag")
+    with pytest.raises(ak.ArgumentError, match="rope=True with token_order='tiled'"):
+        ak.nn.Attention(32, 2, method="neighborhood", grid=(16, 32), kernel_size=7, rope=True, token_order="tiled")
+
+
+def test_a_layer_stack_in_tiled_order_equals_the_row_major_stack():
+    """Permute once before two ak.nn layers and once after: the row-major stack's output."""
+    grid, opts = (16, 32), dict(grid=(16, 32), kernel_size=7, block_size=16)
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(*(ak.nn.Attention(32, 2, method="neighborhood", **opts) for _ in range(2))).double()
+    tiled = torch.nn.Sequential(*(ak.nn.Attention(32, 2, method="neighborhood", token_order="tiled", **opts)
+                                  for _ in range(2))).double()
+    tiled.load_state_dict(plain.state_dict())
+    order = ak.token_order("neighborhood", prod(grid), **opts)
+    x = torch.randn(2, prod(grid), 32, dtype=torch.float64)
+    assert rel_err(tiled(x[:, order.order])[:, order.inverse], plain(x)) <= 1e-12

@@ -5,7 +5,7 @@
 """
 
 from . import patterns
-from .api import attend, explain
+from .api import attend, explain, token_order
 from .backends.base import Explanation
 from .call import PATTERNS
 from .errors import (
@@ -36,7 +36,7 @@ def __getattr__(name):  # lazy submodules: nn, models, analysis, bench
 
 
 __all__ = [
-    "attend", "explain", "reference", "methods", "method_info", "MethodInfo", "Option", "Explanation",
+    "attend", "explain", "token_order", "reference", "methods", "method_info", "MethodInfo", "Option", "Explanation",
     "patterns", "PATTERNS", "AttnkitError", "ShapeError", "DtypeError", "DeviceError", "ArgumentError",
     "OptionError", "UnknownMethodError", "UnsupportedPatternError", "BackendUnavailableError",
     "select", "Selection",

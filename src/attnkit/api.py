@@ -10,7 +10,8 @@ from .backends.base import Explanation, require, select
 from .call import AttentionCall
 from .errors import ArgumentError, UnsupportedPatternError
 from .patterns.base import Pattern
-from .registry import Method, get_method
+from .patterns.order import TokenOrder
+from .registry import Method, get_method, methods
 
 
 def _dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, method,
@@ -82,3 +83,22 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     _, _, _, why = _dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                              method, backend, pattern, options)
     return why
+
+
+def token_order(method: str, length: int, *, is_causal: bool = False, **options) -> TokenOrder:
+    """The tiled token order the mask engines run a grid pattern method in, for ``length`` tokens
+    and the method's ``**options`` (as given to ``attend``): ``.order[r]`` is the row-major grid
+    cell at position ``r``, ``.inverse`` undoes it. Give ``attend`` (or an ``ak.nn`` layer) tokens
+    ``x[..., order, :]`` with ``token_order='tiled'`` and no call moves them; the output comes back
+    in the same order (``out[..., inverse, :]`` is the row-major one). OptionError when the
+    configuration has no tiled order that computes fewer tiles."""
+    impl = get_method(method)
+    if "token_order" not in impl.info.options.names():
+        grids = [i.name for i in methods() if "token_order" in i.options.names()]
+        raise ArgumentError(f"method {method!r} has no token_order option; the grid pattern methods that "
+                            f"have one: {', '.join(grids)}.")
+    x = torch.zeros(1, 1, length, 1)
+    call = AttentionCall.build(x, x, x, None, 0.0, is_causal, None, False)
+    call = call.with_options(impl.info.options.validate({**options, "token_order": "tiled"}, method))
+    return impl.tiled_order(call)
+

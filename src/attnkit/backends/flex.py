@@ -59,6 +59,7 @@ import torch
 from ..call import AttentionCall
 from ..errors import BackendUnavailableError, OptionError
 from ..patterns.base import Pattern
+from ..patterns.grid_order import TiledGrid
 from .flex_inputs import (FlexBlocks, as_tensor, build_blocks, family_key, leaves, map_leaves, probe_rule,
                           static_key, value_key)
 from .flex_tuning import check_kernel_options, check_kv_block, default_kernel_options, default_kv_block
@@ -273,8 +274,8 @@ class FlexEngine:
     def _block_pair(self, call: AttentionCall, spec: MaskSpec) -> tuple[int, int]:
         kv_block = self.kv_block
         if kv_block is None:
-            kv_block = default_kv_block(call.device.type, spec.block, self.token_tiling and offers_order(spec.pattern),
-                                        _needs_grad(call, spec))
+            tiled = isinstance(spec.pattern, TiledGrid) or (self.token_tiling and offers_order(spec.pattern))
+            kv_block = default_kv_block(call.device.type, spec.block, tiled, _needs_grad(call, spec))
         return spec.block, kv_block or spec.block
 
     # -- selection ----------------------------------------------------------------------

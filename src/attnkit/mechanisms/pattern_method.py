@@ -13,14 +13,21 @@ from ..backends.dense import DenseEngine, combined_mask
 from ..backends.flex import FlexEngine
 from ..backends.mask_spec import MaskSpec
 from ..call import AttentionCall
+from ..errors import OptionError
 from ..options import Option
 from ..patterns.base import Pattern
+from ..patterns.order import TokenOrder
 from ..reference import reference
 from ..registry import Method
 
 MASK_ENGINES = (FlexEngine(), BlockSparseEngine(), DenseEngine())
 MASK_BACKENDS = tuple(e.name for e in MASK_ENGINES)
 
+TOKEN_ORDER = Option("token_order", "choice", "call", "order of the tokens of q, k, v and of the output: 'call' = "
+                     "the grid's cells in row-major order (the mask engines move them into a tiled order and "
+                     "back on every call); 'tiled' = already in that tiled order (ak.token_order(...).order), "
+                     "so nothing moves: permute once before a stack of layers, once after",
+                     choices=("call", "tiled"))
 BLOCK_SIZE = Option("block_size", "int", None, "tile size of the blocksparse / flex engines; None = "
                     "the engine's choice (flex: 128; blocksparse: the size that computes the fewest "
                     "scores for this pattern; a performance knob: results do not depend on it)",
@@ -41,10 +48,31 @@ class PatternMethod(Method):
         return MASK_ENGINES
 
     def validate(self, call: AttentionCall) -> None:
-        self.build_pattern(call).check(call.q_len, call.k_len)
+        self.pattern_in_order(call).check(call.q_len, call.k_len)
+
+    def tiled_order(self, call: AttentionCall, pattern: Pattern | None = None) -> TokenOrder:
+        """The tiled token order the mask engines would move this call's tokens into (grid patterns;
+        :mod:`attnkit.patterns.grid_order`), or OptionError when there is none."""
+        pattern = pattern or self.build_pattern(call)
+        block = call.options.get("block_size") or 128
+        order = pattern.token_order(call.q_len, call.k_len, block)
+        if order is None:
+            raise OptionError(
+                f"token_order='tiled': {pattern.describe()} has no tiled order at L={call.q_len} that computes "
+                f"fewer {block}x{block} tiles than row-major order (or the call is not self-attention over the "
+                "whole grid); pass the tokens in the grid's row-major order with token_order='call'.")
+        return order
+
+    def pattern_in_order(self, call: AttentionCall) -> Pattern:
+        """The pattern over the tokens as given: the grid's cells in row-major order, or with
+        ``token_order='tiled'`` in the tiled order (``ak.token_order``), where no engine moves them."""
+        pattern = self.build_pattern(call)
+        if call.options.get("token_order", "call") == "tiled":
+            return self.tiled_order(call, pattern).pattern
+        return pattern
 
     def prepare(self, call: AttentionCall) -> MaskSpec:
-        pattern = self.build_pattern(call)
+        pattern = self.pattern_in_order(call)
         pattern.check(call.q_len, call.k_len)
         pattern.check_heads(call.batch, call.heads)
         fn, tensors = self.score_mod(call)

@@ -51,6 +51,10 @@ class Attention(nn.Module):
         if rope and cross:
             raise ArgumentError("rope=True with cross=True is not supported: rotary positions need "
                                 "query and key positions on one axis.")
+        if rope and options.get("token_order") == "tiled":
+            raise ArgumentError("rope=True with token_order='tiled': the layer's rotary positions are the "
+                                "sequence positions, which in the tiled order are not the grid's; use "
+                                "token_order='call' with rope, or positions applied before the permutation.")
         if rope and head_dim % 2:
             raise ShapeError(f"rope needs an even head_dim, got {head_dim}.")
         if cross and causal:

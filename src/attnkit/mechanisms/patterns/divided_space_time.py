@@ -13,7 +13,7 @@ from ...call import pattern_name
 from ...options import Option
 from ...patterns.video import DividedSpaceTime
 from ...registry import MethodInfo, options, register
-from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS, PatternMethod
+from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS, TOKEN_ORDER, PatternMethod
 from ._grid import random_grid, sample_block_size
 from .radial import FRAMES, TOKENS_PER_FRAME, VIDEO_GRID, video_layout
 from ._grid import bench_grid
@@ -30,7 +30,7 @@ class DividedSpaceTimeMethod(PatternMethod):
             Option("window", "ints", 1, "spatial window of the time term per spatial dimension (1 = same "
                    "position; Seer: 4 or 8)", low=1),
             Option("causal_time", "bool", False, "time term sees earlier frames only"),
-            BLOCK_SIZE),
+            TOKEN_ORDER, BLOCK_SIZE),
         references="Gu et al. 2024 (Seer, arXiv 2303.14897); Bertasius et al. 2021 (TimeSformer, 2102.05095)")
 
     def build_pattern(self, call):

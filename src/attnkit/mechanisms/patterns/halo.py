@@ -12,7 +12,7 @@ from ...call import pattern_name
 from ...options import Option
 from ...patterns.halo import Halo
 from ...registry import MethodInfo, options, register
-from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS, PatternMethod
+from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS, TOKEN_ORDER, PatternMethod
 from ._grid import GRID, divisors, random_grid, resolve_grid, sample_block_size
 from ._grid import bench_grid
 
@@ -27,7 +27,7 @@ class HaloMethod(PatternMethod):
             GRID,
             Option("block", "ints", 8, "query block size per dimension (divides the grid; timm default 8)", low=1),
             Option("halo", "ints", 3, "halo width per dimension around each block (timm default 3)", low=0),
-            BLOCK_SIZE),
+            TOKEN_ORDER, BLOCK_SIZE),
         references="Vaswani et al. 2021 (HaloNet, arXiv 2103.12731); timm HaloAttn")
 
     def build_pattern(self, call):

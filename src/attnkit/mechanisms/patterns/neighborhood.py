@@ -21,7 +21,7 @@ from ...options import Option
 from ...patterns.grid import per_dim_flags
 from ...patterns.neighborhood import Neighborhood
 from ...registry import MethodInfo, options, register
-from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS, PatternMethod
+from ..pattern_method import BLOCK_SIZE, MASK_BACKENDS, TOKEN_ORDER, PatternMethod
 from ._grid import GRID, random_grid, resolve_grid, sample_block_size
 from ._grid import bench_grid, odd_kernel
 
@@ -41,7 +41,7 @@ class NeighborhoodMethod(PatternMethod):
                    "window of its leader (1 = sliding, kernel_size = blocked)", low=1),
             Option("causal_dims", "object", None, "per-dimension causal flags, e.g. (True, False, False) "
                    "for video; None = every dimension causal iff is_causal", nullable=True),
-            BLOCK_SIZE),
+            TOKEN_ORDER, BLOCK_SIZE),
         references="Hassani et al. 2023 (NAT, arXiv 2204.07143); Hassani & Shi 2022 (DiNAT, 2209.15001); "
                    "Hassani et al. 2025 (GNA, 2504.16922); SHI-Labs/NATTEN")
 
