@@ -93,3 +93,18 @@ def test_tiny_cpu_run_every_case(tmp_path):
     bench = load()
     bench.main(["--device", "cpu", "--tiny", "--out", str(tmp_path)])
     check_outputs(tmp_path, list(bench.case_options(512, True)))
+
+
+def test_dense_baselines_time_forward_and_backward_on_cpu():
+    """The dense reference rows with a backward rotation (on a GPU run always; here at toy size)."""
+    import types
+
+    import torch
+
+    bench = load()
+    args = types.SimpleNamespace(device="cpu", reps=2, B=1, H=2, L=64, D=16)
+    rot_f = bench.Rotation(1, 2, 64, 16, torch.float32, "cpu", 2, grad=False)
+    rot_b = bench.Rotation(1, 2, 64, 16, torch.float32, "cpu", 2, grad=True)
+    out = bench.dense_baselines(args, rot_f, rot_b)
+    row = out["kernels"]["sdpa"]
+    assert out["reference"] == "sdpa" and row["fwdbwd_ms"] > 0 and row["fwdbwd_tflops"] > 0

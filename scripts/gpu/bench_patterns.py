@@ -222,21 +222,21 @@ def run_case(name, method, options, args, dense, rot_f, rot_b) -> dict:
     row["block_mask_ms"] = statistics.median(times)
     # the forward (no grad) and forward+backward calls may run different plans: forward-only calls of
     # tiled grid layouts take 64-key blocks on CUDA (flex_tuning.default_kv_block)
-    row["tile_density"] = FLEX.blocks(call, spec).tile_density
+    forward_blocks = FLEX.blocks(call, spec)
+    row["tile_density"], row["kv_block"] = forward_blocks.tile_density, forward_blocks.block_k
     row["tile_density_fwdbwd"] = (FLEX.blocks(AttentionCall.build(*rot_b.sets[0]), spec).tile_density
                                   if rot_b is not None else row["tile_density"])
-    row["kv_block"] = FLEX.blocks(call, spec).block_k
     row["tile_density_call_order"] = build_blocks(pattern, L, L, BLOCK, device).tile_density
     row["pair_density"] = pair_density(pattern, L, device)
 
     def ours(q, k, v):
         return ak.attend(q, k, v, method=method, backend="flex", **options)
 
-    flops = 4 * args.B * args.H * L * L * args.D * row["tile_density"]
+    all_pairs_flops = 4 * args.B * args.H * L * L * args.D
     row["compile_fwd_s"] = first_call_s(forward(ours, rot_f), device)
     row["fwd_ms"] = bench_ms(forward(ours, rot_f), device, args.reps)
     row["compile_fwd_s"] = max(0.0, row["compile_fwd_s"] - row["fwd_ms"] / 1e3)
-    row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+    row["fwd_tflops"] = all_pairs_flops * row["tile_density"] / row["fwd_ms"] / 1e9
     if layout.reordered:  # the kernel alone, on tokens already in the tiled order
         def kernel(q, k, v):
             return ak.attend(q, k, v, pattern=layout.pattern, backend="flex")
@@ -253,7 +253,7 @@ def run_case(name, method, options, args, dense, rot_f, rot_b) -> dict:
         row["compile_fwdbwd_s"] = first_call_s(forward_backward(ours, rot_b), device)
         row["fwdbwd_ms"] = bench_ms(forward_backward(ours, rot_b), device, args.reps)
         row["compile_fwdbwd_s"] = max(0.0, row["compile_fwdbwd_s"] - row["fwdbwd_ms"] / 1e3)
-        row["fwdbwd_tflops"] = 3.5 * flops * row["tile_density_fwdbwd"] / row["tile_density"] / row["fwdbwd_ms"] / 1e9
+        row["fwdbwd_tflops"] = 3.5 * all_pairs_flops * row["tile_density_fwdbwd"] / row["fwdbwd_ms"] / 1e9
         ref = dense.get("fwdbwd_ms")
         if ref:
             row["fwdbwd_speedup"] = ref / row["fwdbwd_ms"]
@@ -391,7 +391,7 @@ def dense_baselines(args, rot_f, rot_b) -> dict:
         if "fwd_ms" in row:
             row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
         if "fwdbwd_ms" in row:
-            row["fwdbwd_tflops"] = 3.5 * flops * row["tile_density_fwdbwd"] / row["tile_density"] / row["fwdbwd_ms"] / 1e9
+            row["fwdbwd_tflops"] = 3.5 * flops / row["fwdbwd_ms"] / 1e9
         out["kernels"][name] = row
         if "reference" not in out and "fwd_ms" in row:
             out.update(reference=name, fwd_ms=row["fwd_ms"], fwdbwd_ms=row.get("fwdbwd_ms"))
