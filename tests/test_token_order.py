@@ -28,7 +28,7 @@ def test_layout_moves_runs_of_the_order(grid, tile, run):
     order = tiled_order(grid, tile)
     assert run_length(order) == run
     starts = order[::run] // run
-    layout = Layout(None, "", None, run, starts)
+    layout = Layout(None, "", run, starts)
     x = torch.randn(2, 3, prod(grid), 5, requires_grad=True)
     moved = layout.into_order(x)
     assert torch.equal(moved, x.index_select(-2, order))

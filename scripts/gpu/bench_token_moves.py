@@ -65,7 +65,7 @@ def candidates(grid, tile, shape, device):
     order = tiled_order(grid, tile)
     run = run_length(order)
     starts = (order[::run] // run).to(device)
-    layout = Layout(None, "", None, run, starts)  # the engine's move (attnkit.backends.reorder)
+    layout = Layout(None, "", run, starts)  # the engine's move (attnkit.backends.reorder)
     order = order.to(device)
     inverse, inverse_starts = torch.argsort(order), torch.argsort(starts)
 

@@ -10,6 +10,8 @@ import torch
 
 from ..patterns.base import Pattern
 
+DEFAULT_BLOCK = 128  # the mask engines' tile where the call names no block_size
+
 # score_mod(scores, b, h, q, k, *tensors) -> scores, vectorized; tensors may require grad
 ScoreModFn = Callable[..., torch.Tensor]
 
@@ -19,7 +21,7 @@ class MaskSpec:
     pattern: Pattern
     score_mod: ScoreModFn | None = None
     mod_tensors: tuple[torch.Tensor, ...] = ()
-    block: int = 128
+    block: int = DEFAULT_BLOCK
     block_fixed: bool = False  # the user chose ``block``; otherwise an engine may pick its own
 
     def describe(self) -> str:

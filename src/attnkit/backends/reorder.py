@@ -29,7 +29,6 @@ import torch
 
 from ..call import AttentionCall
 from ..patterns.base import Pattern
-from ..patterns.order import TokenOrder
 from .flex_inputs import family_key, leaves, value_key
 from .mask_spec import MaskSpec
 
@@ -65,13 +64,12 @@ def run_length(order: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class Layout:
-    """How an engine runs one call: ``pattern`` over the tokens in ``order`` (None: the call's
-    order); ``note`` says which order and why. ``run`` tokens move together; ``starts[i]`` is the
-    run (of the call's order) that lands at run ``i``."""
+    """How an engine runs one call: ``pattern`` over the tokens in a token order (``starts`` None:
+    the call's order); ``note`` says which order and why. ``run`` tokens move together; ``starts[i]``
+    is the run (of the call's order) that lands at run ``i``."""
 
     pattern: Pattern
     note: str
-    order: TokenOrder | None = None
     run: int = 1
     starts: torch.Tensor | None = None
     _rows: dict = field(default_factory=dict, compare=False, repr=False)
@@ -133,8 +131,7 @@ class Layouts:
             else:
                 run = run_length(order.order)
                 starts = (order.order[::run] // run).to(call.device)
-                layout = Layout(order.pattern, f"{order.description}; moved in runs of {run} tokens", order, run,
-                                starts)
+                layout = Layout(order.pattern, f"{order.description}; moved in runs of {run} tokens", run, starts)
             hit = self._cache[key] = (layout, raw)  # raw keeps the tensor ids in the key valid
             if len(self._cache) > CACHE_ENTRIES:
                 self._cache.popitem(last=False)

@@ -11,7 +11,7 @@ import torch
 from ..backends.blocksparse import BlockSparseEngine
 from ..backends.dense import DenseEngine, combined_mask
 from ..backends.flex import FlexEngine
-from ..backends.mask_spec import MaskSpec
+from ..backends.mask_spec import DEFAULT_BLOCK, MaskSpec
 from ..call import AttentionCall
 from ..errors import OptionError
 from ..options import Option
@@ -54,7 +54,7 @@ class PatternMethod(Method):
         """The tiled token order the mask engines would move this call's tokens into (grid patterns;
         :mod:`attnkit.patterns.grid_order`), or OptionError when there is none."""
         pattern = pattern or self.build_pattern(call)
-        block = call.options.get("block_size") or 128
+        block = call.options.get("block_size") or DEFAULT_BLOCK
         order = pattern.token_order(call.q_len, call.k_len, block)
         if order is None:
             raise OptionError(
@@ -77,7 +77,7 @@ class PatternMethod(Method):
         pattern.check_heads(call.batch, call.heads)
         fn, tensors = self.score_mod(call)
         chosen = call.options.get("block_size")
-        return MaskSpec(pattern, fn, tuple(tensors), chosen or 128, block_fixed=chosen is not None)
+        return MaskSpec(pattern, fn, tuple(tensors), chosen or DEFAULT_BLOCK, block_fixed=chosen is not None)
 
     def oracle_inputs(self, call: AttentionCall) -> tuple[Any, Any]:
         spec = self.prepare(call)

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from ...backends.mask_spec import DEFAULT_BLOCK
 from ...backends.varlen import VarlenEngine
 from ...call import AttentionCall
 from ...errors import OptionError
@@ -236,4 +237,4 @@ class DynamicMethod(PatternMethod):
         """A Selection of ``pattern`` for ``call`` (``fields``: run_pattern, order, details,
         score_mod, mod_tensors)."""
         return Selection(self.info.name, pattern, call.batch, call.heads, call.q_len, call.k_len,
-                         call.is_causal, call.options.get("block_size") or 128, call.device, **fields)
+                         call.is_causal, call.options.get("block_size") or DEFAULT_BLOCK, call.device, **fields)
