@@ -88,6 +88,19 @@ def test_tiny_cpu_run_one_case(tmp_path):
     assert "no backward pass on CPU" in result["notes"][0]
 
 
+def test_sweep_setting_with_call_options_runs_its_own_block(tmp_path):
+    """A SWEEP setting's ``call`` entry reaches the method's options (block64: 64-token blocks), its
+    engine settings do not get it, and the row reports the plan it ran with."""
+    bench = load()
+    result = bench.main(["--device", "cpu", "--tiny", "--cases", "window_16", "--no-plain-flex", "--no-backward",
+                         "--sweep", "--sweep-settings", "block64", "--out", str(tmp_path)])
+    row = result["cases"][0]["sweep"][0]
+    assert row["setting"] == "block64" and "error" not in row, row
+    assert row["tile_density"] != result["cases"][0]["tile_density"]  # 64-token tiles, not 128
+    assert row["max_abs_diff"] < 1e-5 and row["fwd_merit_call_order"] > 0
+    assert "| window_16 | block64 |" in (tmp_path / "bench_patterns.md").read_text()
+
+
 @pytest.mark.slow
 def test_tiny_cpu_run_every_case(tmp_path):
     bench = load()

@@ -273,11 +273,12 @@ def test_score_mod_tensor_gradients_on_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the measured defaults apply on CUDA only")
 def test_measured_defaults_take_effect_and_stay_exact_on_gpu():
-    """flex_tuning's defaults (H200 sweep): a forward-only call of a tiled grid layout runs 64-key
-    blocks, its training call 128; a narrow window gets 64-row forward tiles. Outputs (and the
-    training call's gradients) still match the oracle at bf16 tolerance."""
+    """flex_tuning's defaults (H200 sweeps): a forward-only call of a tiled grid layout runs 64-key
+    blocks (64 x 64 where its plan is narrow), its training call 128; a narrow window gets 64-row
+    forward tiles and, forward only, 64 x 64 blocks. Outputs (and the training call's gradients) still
+    match the oracle at bf16 tolerance."""
     torch.manual_seed(0)
-    grid_opts = dict(grid=(32, 64), kernel_size=(7, 7))
+    grid_opts = dict(grid=(32, 64), kernel_size=(15, 31))  # 800 keys per query block: not narrow
     q, k, v = (torch.randn(1, 2, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     forward_only = ak.explain(q, k, v, method="neighborhood", backend="flex", **grid_opts).details
     assert "tokens reordered" in forward_only and "block mask 128x64" in forward_only, forward_only
@@ -292,5 +293,35 @@ def test_measured_defaults_take_effect_and_stay_exact_on_gpu():
     assert rel_err(out, want) <= 2e-2
     out.float().square().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in leaves)
+    narrow = dict(grid=(32, 64), kernel_size=(7, 7))  # 368 keys per query block
+    details = ak.explain(q, k, v, method="neighborhood", backend="flex", **narrow).details
+    assert "block mask 64x64" in details, details
+    with torch.no_grad():
+        out = ak.attend(q, k, v, method="neighborhood", backend="flex", **narrow)
+    assert rel_err(out, truth("neighborhood", q, k, v, is_causal=False, **narrow)) <= 2e-2
     window = ak.explain(q, k, v, method="sliding_window", backend="flex", left=128, right=128).details
-    assert "fwd_BLOCK_M" in window, window
+    assert "fwd_BLOCK_M" in window and "block mask 64x64" in window, window
+    window = ak.explain(*leaves, method="sliding_window", backend="flex", left=128, right=128).details
+    assert "fwd_BLOCK_M" in window and "block mask 128x128" in window, window  # training
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's CUDA tiles")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_small_blocks_get_forward_tiles_that_fit_on_gpu(head_dim):
+    """FlexAttention's heuristic tiles at head dim 64 (128 x 128 on sm90) do not divide a 64-key
+    block: the engine sets forward tiles no larger than its blocks (tiled grids' 64-key default, and a
+    user's block_size=64, forward only)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 2048, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cases = [("neighborhood", dict(grid=(32, 64), kernel_size=(7, 7))),
+             ("neighborhood", dict(grid=(32, 64), kernel_size=(7, 7), block_size=64)),
+             ("sliding_window", dict(left=100, right=100, block_size=64))]
+    for method, options in cases:
+        with torch.no_grad():
+            out = ak.attend(q, k, v, method=method, backend="flex", **options)
+        want = truth(method, q, k, v, is_causal=False, **{k_: o for k_, o in options.items() if k_ != "block_size"})
+        assert rel_err(out, want) <= 2e-2, (method, options)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with pytest.raises(ak.BackendUnavailableError, match="block_size=64"):
+        ak.attend(*leaves, method="sliding_window", backend="flex", left=100, right=100, block_size=64)

@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 import attnkit as ak
+from attnkit.backends.flex_tuning import NARROW_FORWARD
 from attnkit.backends.flex_inputs import as_tensor, build_blocks, map_leaves
 from attnkit.call import AttentionCall
 from attnkit.mechanisms.pattern_method import MASK_ENGINES
@@ -265,7 +266,7 @@ def run_case(name, method, options, args, dense, rot_f, rot_b) -> dict:
         except Exception as err:  # noqa: BLE001 - record it; the other numbers stand
             row["plain_error"] = f"{type(err).__name__}: {str(err)[:300]}"
     if args.sweep:
-        row["sweep"] = sweep_case(name, method, options, args, dense, rot_f, rot_b)
+        row["sweep"] = sweep_case(name, method, options, args, dense, rot_f, rot_b, row["tile_density_call_order"])
     return row
 
 
@@ -297,6 +298,16 @@ SWEEP = {
                                          "bwd_BLOCK_N2": 32, "bwd_num_warps": 4, "bwd_num_stages": 3}}, ("window",), True),
     "bwd_w4_s2": ({"kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
                                       "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 2}}, ("window",), True),
+    # 2026-11-27 (third session): 64-token query and key blocks (forward only), where each query block
+    # of a narrow window computes fewer keys (+-256: 576 instead of 640 per 64 queries)
+    "block64": ({"call": {"block_size": 64}}, ("window", "grid"), False),
+    # the sm90 default is (64, 128, 128, 64), 3 stages, 8 warps; the
+    # autotuner's other candidates with 8 warps, and 32-row dK/dV tiles with 8 warps; each with the
+    # default 64-row forward tiles of narrow plans, so only the backward differs from the default row
+    **{f"bwd_m{m}_s{s}_w8": ({"kernel_options": {**NARROW_FORWARD, "bwd_BLOCK_M1": m, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                                                 "bwd_BLOCK_N2": m, "bwd_num_warps": 8, "bwd_num_stages": s}},
+                              ("window",), True)
+       for m, s in ((64, 1), (64, 4), (64, 5), (32, 3), (32, 4))},
 }
 
 
@@ -307,28 +318,33 @@ def case_kind(method: str) -> str:
             "divided_space_time": "grid"}.get(method, "tiles")
 
 
-def sweep_case(name, method, options, args, dense, rot_f, rot_b) -> list[dict]:
-    """The flex engine under each SWEEP setting that applies to the case (same inputs, same run)."""
+def sweep_case(name, method, options, args, dense, rot_f, rot_b, call_order_density) -> list[dict]:
+    """The flex engine under each SWEEP setting that applies to the case (same inputs, same run).
+    A setting's ``call`` entry holds method options for its calls (e.g. ``block_size``); the rest
+    are engine settings."""
     kind = case_kind(method)
     chosen = args.sweep_settings or [n for n, (_, kinds, _) in SWEEP.items() if kind in kinds]
     q, k, v = rot_f.sets[0]
 
-    def ours(q, k, v):
-        return ak.attend(q, k, v, method=method, backend="flex", **options)
+    def attend(call_options):
+        return lambda q, k, v: ak.attend(q, k, v, method=method, backend="flex", **call_options)
 
     with torch.no_grad():
-        reference = ours(q, k, v).float()
+        reference = attend(options)(q, k, v).float()
     rows = []
     for setting in chosen:
-        settings, _, backward = SWEEP[setting]
+        engine_settings, _, backward = SWEEP[setting]
+        settings = {key: value for key, value in engine_settings.items() if key != "call"}
+        call_options = {**options, **engine_settings.get("call", {})}
+        ours = attend(call_options)
         if time.perf_counter() - args.t_start > args.budget_s:
             rows.append({"setting": setting, "skipped": "time budget spent"})
             continue
-        row: dict = {"setting": setting, "settings": settings}
+        row: dict = {"setting": setting, "settings": engine_settings}
         try:
             with FLEX.tuned(**settings):
                 call = AttentionCall.build(q, k, v)
-                spec = ak.explain(q, k, v, method=method, backend="flex", **options).plan
+                spec = ak.explain(q, k, v, method=method, backend="flex", **call_options).plan
                 row["tile_density"] = FLEX.blocks(call, spec).tile_density
                 row["layout"] = FLEX.layout(call, spec).note
                 with torch.no_grad():
@@ -338,6 +354,7 @@ def sweep_case(name, method, options, args, dense, rot_f, rot_b) -> list[dict]:
                 row["fwd_ms"] = bench_ms(forward(ours, rot_f), args.device, args.reps)
                 if dense.get("fwd_ms"):
                     row["fwd_merit"] = dense["fwd_ms"] / row["fwd_ms"] * row["tile_density"]
+                    row["fwd_merit_call_order"] = dense["fwd_ms"] / row["fwd_ms"] * call_order_density
                 if backward and rot_b is not None:
                     first_call_s(forward_backward(ours, rot_b), args.device)
                     row["fwdbwd_ms"] = bench_ms(forward_backward(ours, rot_b), args.device, args.reps)
@@ -443,13 +460,14 @@ def markdown(result: dict) -> str:
     sweeps = [(row["case"], s) for row in result["cases"] for s in row.get("sweep", [])]
     if sweeps:
         lines += ["", "Sweep (flex engine settings; merit against the same dense reference; default = the table "
-                  "above):", "", "| case | setting | tiles | fwd ms | fwd merit | fwd+bwd ms | fwd+bwd merit | "
-                  "max abs diff vs default | note |", "|" + "---|" * 9]
+                  "above):", "", "| case | setting | tiles | fwd ms | fwd merit | fwd merit (call order) | fwd+bwd ms | "
+                  "fwd+bwd merit | max abs diff vs default | note |", "|" + "---|" * 10]
         for case, s in sweeps:
             note = s.get("error") or s.get("skipped") or (f"{s['nan_outputs']} NaN outputs" if s.get("nan_outputs")
                                                          else "")
             lines.append(f"| {case} | {s['setting']} | {fmt(s.get('tile_density'))} | {fmt(s.get('fwd_ms'))} | "
-                         f"{fmt(s.get('fwd_merit'), 2)} | {fmt(s.get('fwdbwd_ms'))} | {fmt(s.get('fwdbwd_merit'), 2)} | "
+                         f"{fmt(s.get('fwd_merit'), 2)} | {fmt(s.get('fwd_merit_call_order'), 2)} | "
+                         f"{fmt(s.get('fwdbwd_ms'))} | {fmt(s.get('fwdbwd_merit'), 2)} | "
                          f"{fmt(s.get('max_abs_diff'), 2)} | {note[:120]} |")
     for row in result["cases"]:
         if row.get("layout"):

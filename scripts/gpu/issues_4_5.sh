@@ -3,8 +3,10 @@
 # (docs/results/README.md), in two calls of under ten minutes each:
 #   linear:   bench_linear, our linear / recurrent methods beside cuDNN dense and flash-linear-attention
 #             in the same run (fla autotunes for minutes on first use), then rat (quadratic by design);
-#   patterns: bench_token_moves (ways to move tokens into a grid's tiled order), bench_patterns (every
-#             pattern on the flex engine beside cuDNN and plain FlexAttention), the flex tests marked gpu.
+#   patterns: bench_patterns (every pattern on the flex engine beside cuDNN and plain FlexAttention), the
+#             +-256 window's backward tiles swept, and a profile of its forward+backward call;
+#   checks:   bench_token_moves (ways to move tokens into a grid's tiled order), 64-token blocks against
+#             the defaults of then (forward), every test marked gpu.
 # Each step has its own budget and timeout, so a slow one cannot starve the next. Everything is
 # written under WORK and packed into $OUT/issues_4_5_PART.tar.gz (the device tool brings back at most
 # 8 files).
@@ -12,9 +14,10 @@
 #   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=src:/tmp/site
 #   bash scripts/gpu/issues_4_5.sh linear     # on one H100/H200, with .whl carried (fla, einops)
 #   bash scripts/gpu/issues_4_5.sh patterns
+#   bash scripts/gpu/issues_4_5.sh checks
 #   bash scripts/gpu/issues_4_5.sh cpu        # every step at toy sizes on a CPU (tests)
 set -uo pipefail
-part=${1:?usage: issues_4_5.sh linear|patterns|cpu}
+part=${1:?usage: issues_4_5.sh linear|patterns|checks|cpu}
 work=${WORK:-/tmp/issues_4_5_$part}
 python=${PYTHON:-python}
 mkdir -p "$work"
@@ -30,9 +33,16 @@ linear)
       --methods aaren based flow lightnet lightning linear
   step linear_rat 80 $python scripts/gpu/bench_linear.py --out "$work/linear_rat" --methods rat --budget-s 50 --budget 0.15 ;;
 patterns)
+  step patterns 250 $python scripts/gpu/bench_patterns.py --out "$work/patterns" --budget-s 170
+  step window_bwd 230 $python scripts/gpu/bench_patterns.py --out "$work/window_bwd" --cases window_256 --no-plain-flex \
+      --sweep --sweep-settings bwd_m64_s1_w8 bwd_m64_s4_w8 bwd_m64_s5_w8 bwd_m32_s3_w8 bwd_m32_s4_w8 --budget-s 180
+  step window_profile 80 $python scripts/gpu/profile_call.py --method sliding_window --options '{"left": 256, "right": 256}' \
+      --backend flex --backward --out "$work/window_profile" ;;
+checks)
   step moves 80 $python scripts/gpu/bench_token_moves.py --out "$work/moves"
-  step patterns 220 $python scripts/gpu/bench_patterns.py --out "$work/patterns" --budget-s 180
-  step gpu_tests 150 $python -m pytest -q -m gpu tests/test_flex.py -p no:cacheprovider ;;
+  step block64 120 $python scripts/gpu/bench_patterns.py --out "$work/block64" --cases window_256 window_1024 \
+      neighborhood_2d neighborhood_3d --no-plain-flex --no-backward --sweep --sweep-settings block64 --budget-s 90
+  step gpu_tests 300 $python -m pytest -q -m gpu tests/ -p no:cacheprovider ;;
 cpu)
   step linear 120 $python scripts/gpu/bench_linear.py --device cpu --dtype float32 --heads 2 --dim 16 --based-dim 4 \
       --lengths 64 128 --budget 0.02 --budget-s 60 --out "$work/linear" --methods lightning linear
@@ -40,8 +50,8 @@ cpu)
       --lengths 64 128 --budget 0.02 --budget-s 30 --out "$work/linear_rat" --methods rat
   step moves 60 $python scripts/gpu/bench_token_moves.py --device cpu --tiny --out "$work/moves"
   step patterns 120 $python scripts/gpu/bench_patterns.py --device cpu --tiny --cases window_16 --no-plain-flex --no-backward \
-      --out "$work/patterns" --budget-s 60 ;;
-*) echo "unknown part '$part': linear, patterns or cpu" >&2; exit 2 ;;
+      --sweep --sweep-settings block64 --out "$work/patterns" --budget-s 60 ;;
+*) echo "unknown part '$part': linear, patterns, checks or cpu" >&2; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then
   tar -czf "$OUT/issues_4_5_$part.tar.gz" -C "$work" . && echo "packed $(du -h "$OUT/issues_4_5_$part.tar.gz" | cut -f1) into \$OUT/issues_4_5_$part.tar.gz"

@@ -39,7 +39,10 @@ q, k, v into it, runs the reordered pattern and moves the output back
 
 Settings (performance only, :mod:`attnkit.backends.flex_tuning`): ``kernel_options`` (FlexAttention's
 Triton knobs), ``kv_block`` (key-side sparse block), ``token_tiling``; set them with
-``configure(...)`` or temporarily with ``with engine.tuned(...):``. Python work per call is a few
+``configure(...)`` or temporarily with ``with engine.tuned(...):``. Unset, the measured defaults apply
+(``flex_tuning``): 64-row forward tiles for narrow plans, 64-key blocks for forward-only tiled grids,
+64 x 64 blocks for narrow forward-only plans where the call names no ``block_size``; blocks below
+128 are forward-only on CUDA (FlexAttention's backward tiles need 128). Python work per call is a few
 dictionary lookups: parameters, token orders and block masks are cached per (pattern
 configuration, lengths, blocks, device).
 """
@@ -62,12 +65,14 @@ from ..patterns.base import Pattern
 from ..patterns.grid_order import TiledGrid
 from .flex_inputs import (FlexBlocks, as_tensor, build_blocks, family_key, leaves, map_leaves, probe_rule,
                           static_key, value_key)
-from .flex_tuning import check_kernel_options, check_kv_block, default_kernel_options, default_kv_block
-from .mask_spec import MaskSpec
+from .flex_tuning import (check_kernel_options, check_kv_block, default_blocks, default_kernel_options,
+                          default_kv_block)
+from .mask_spec import DEFAULT_BLOCK, MaskSpec
 from .reorder import Layout, Layouts, offers_order
 
 CACHE_ENTRIES = 64  # parameter tensors and block masks kept per engine (LRU)
 CUDA_BLOCK_MULTIPLE = 128  # flex's Triton tiles must divide the sparse block
+SMALL_CUDA_BLOCKS = (16, 32, 64)  # forward only: the engine gives such blocks forward tiles of their size
 
 
 # -- the compiled kernel ---------------------------------------------------------------------
@@ -233,6 +238,7 @@ class FlexEngine:
     _blocks: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _probes: dict = field(default_factory=dict, repr=False)
     _layouts: Layouts = field(default_factory=Layouts, repr=False)
+    _pairs: dict = field(default_factory=dict, repr=False)  # configuration -> (block pair, its params)
 
     def __post_init__(self):
         self.configure(kernel_options=self.kernel_options, kv_block=self.kv_block, token_tiling=self.token_tiling)
@@ -268,15 +274,35 @@ class FlexEngine:
     def _kernel_options(self, call: AttentionCall, blocks: FlexBlocks) -> tuple:
         options = self.kernel_options
         if options is None:
-            options = default_kernel_options(call.device.type, call.dtype, call.head_dim, blocks.row_keys)
+            options = default_kernel_options(call.device.type, call.dtype, call.head_dim, blocks.row_keys,
+                                             (blocks.block, blocks.block_k))
         return check_kernel_options(options)
 
     def _block_pair(self, call: AttentionCall, spec: MaskSpec) -> tuple[int, int]:
+        """(query block, key block): the call's ``block_size`` (or the default) and ``kv_block``,
+        else the measured defaults (``flex_tuning``: 64-key blocks for forward-only tiled grids, 64 x 64
+        for narrow forward-only plans); the choice is cached per configuration."""
         kv_block = self.kv_block
-        if kv_block is None:
-            tiled = isinstance(spec.pattern, TiledGrid) or (self.token_tiling and offers_order(spec.pattern))
-            kv_block = default_kv_block(call.device.type, spec.block, tiled, _needs_grad(call, spec))
-        return spec.block, kv_block or spec.block
+        if kv_block is not None:
+            return spec.block, kv_block
+        needs_grad = _needs_grad(call, spec)
+        tiled = isinstance(spec.pattern, TiledGrid) or (self.token_tiling and offers_order(spec.pattern))
+        pair = (spec.block, default_kv_block(call.device.type, spec.block, tiled, needs_grad) or spec.block)
+        if (spec.block_fixed or spec.block != DEFAULT_BLOCK or call.device.type != "cuda" or needs_grad
+                or self.kernel_options is not None):  # a user's tiles may not divide 64
+            return pair
+        raw = spec.pattern.params(call.q_len, call.k_len)
+        key = (family_key(spec.pattern), spec.pattern.describe(), value_key(leaves(raw)), call.q_len, call.k_len,
+               str(call.device), call.dtype, call.head_dim, pair, self.token_tiling, call.attn_mask is not None,
+               spec.score_mod is not None)
+        hit = self._pairs.get(key)
+        if hit is None:
+            row_keys = self._blocks_at(call, spec, pair).row_keys
+            hit = self._pairs[key] = (default_blocks(call.device.type, call.dtype, call.head_dim, needs_grad, row_keys)
+                                      or pair, raw)  # raw keeps the tensor ids in the key valid
+            if len(self._pairs) > CACHE_ENTRIES:
+                self._pairs.pop(next(iter(self._pairs)))
+        return hit[0]
 
     # -- selection ----------------------------------------------------------------------
     def can_run(self, call: AttentionCall, spec: MaskSpec) -> str | None:
@@ -294,9 +320,14 @@ class FlexEngine:
             if call.head_dim < 16 or call.value_dim < 16:
                 return (f"FlexAttention's Triton kernel needs head dims >= 16; got D={call.head_dim}, "
                         f"Dv={call.value_dim}")
-            if spec.block % CUDA_BLOCK_MULTIPLE:
+            if spec.block % CUDA_BLOCK_MULTIPLE and spec.block not in SMALL_CUDA_BLOCKS:
                 return (f"block_size={spec.block}: FlexAttention's CUDA tiles need a multiple of "
-                        f"{CUDA_BLOCK_MULTIPLE} (e.g. block_size=128)")
+                        f"{CUDA_BLOCK_MULTIPLE} (e.g. block_size=128), or one of {SMALL_CUDA_BLOCKS} "
+                        "for forward-only calls")
+            if spec.block < CUDA_BLOCK_MULTIPLE and _needs_grad(call, spec):
+                return (f"block_size={spec.block}: FlexAttention's backward pass needs query blocks that its "
+                        f"default tiles (BLOCK_M2 = {CUDA_BLOCK_MULTIPLE} on sm90) divide; use "
+                        f"block_size={CUDA_BLOCK_MULTIPLE} for training, or run under torch.no_grad()")
             if self.kv_block is not None and self.kv_block < CUDA_BLOCK_MULTIPLE and _needs_grad(call, spec):
                 return (f"kv_block={self.kv_block}: FlexAttention's backward pass needs key blocks that its "
                         f"default tiles (BLOCK_N1 = {CUDA_BLOCK_MULTIPLE} on sm90) divide; set kv_block=None "
@@ -413,10 +444,14 @@ class FlexEngine:
     def blocks(self, call: AttentionCall, spec: MaskSpec, demote_full: bool = False) -> FlexBlocks:
         """The block mask this call runs with, over the layout's token order (cached by pattern
         family, parameters, sizes and blocks)."""
-        pattern = self.layout(call, spec).pattern
+        return self._blocks_at(call, spec, self._block_pair(call, spec), demote_full)
+
+    def _blocks_at(self, call: AttentionCall, spec: MaskSpec, pair: tuple[int, int],
+                   demote_full: bool = False) -> FlexBlocks:
+        pattern = self._layouts.get(call, spec, pair, self.token_tiling).pattern
         raw = pattern.params(call.q_len, call.k_len)
         key = (family_key(pattern), pattern.describe(), value_key(leaves(raw)))
-        return self._cached_blocks(call, pattern, key, demote_full, raw, self._block_pair(call, spec))
+        return self._cached_blocks(call, pattern, key, demote_full, raw, pair)
 
     def _cached_blocks(self, call: AttentionCall, pattern: Pattern, key: tuple, demote_full: bool,
                        raw: dict, block: tuple[int, int]) -> FlexBlocks:

@@ -15,11 +15,13 @@
   default tiles (``BLOCK_N1 = 128`` on sm90) do not divide 64, so the engine refuses it where
   gradients are needed on CUDA.
   Default (``None``): 64 for forward-only CUDA calls of patterns run in a tiled token order with
-  the 128 query block (``default_kv_block``), else the query block.
+  the 128 query block (``default_kv_block``), else the query block; and where the call names no
+  ``block_size``, query and key blocks of 64 for narrow forward-only plans (``default_blocks``).
 - ``token_tiling``: run patterns that offer a token order (grid patterns) in it.
 
-``default_kernel_options`` and ``default_kv_block``: the measured defaults (64-row forward tiles
-for narrow plans; 64-key blocks for forward-only tiled grid calls).
+``default_kernel_options``, ``default_kv_block`` and ``default_blocks``: the measured defaults
+(64-row forward tiles for narrow plans; 64-key blocks for forward-only tiled grid calls; 64-token
+query and key blocks for narrow forward-only plans where the call names no ``block_size``).
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ def check_kv_block(kv_block: int | None) -> int | None:
 # (window +-1024, 17 tiles: 1.46 -> 1.48 ms; 2-D neighbourhood, 8.3 tiles: 2.05 -> 2.26 ms).
 NARROW_ROW_KEYS = 768  # 6 key blocks of 128
 NARROW_FORWARD = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
+# the largest forward tile of FlexAttention's heuristics (torch 2.6-2.13); blocks below it get tiles
+# of their own size
+FLEX_TILE_CAP = 128
 
 
 # Key blocks of 64 for tiled grid layouts, forward only (the sm90 backward's tiles need 128), from the
@@ -108,16 +113,48 @@ def default_kv_block(device_type: str, block: int, tiled: bool, needs_grad: bool
     return None
 
 
-def default_kernel_options(device_type: str, dtype, head_dim: int, row_keys: float) -> dict[str, Any]:
+# Query and key blocks of 64 for narrow forward-only plans, from the same kind of sweep (H200, torch
+# 2.11, bf16, B1 H16 L32768 D128, 2026-11-27, ``bench_patterns.py --sweep --sweep-settings block64``):
+# window +-256 0.508 -> 0.460 ms (a 64-query block computes 576 keys instead of 640) and the 2-D
+# neighbourhood 1.33 -> 1.16 ms (8x8 token tiles); wider plans lost (window +-1024 1.47 -> 2.77 ms,
+# 3-D neighbourhood 2.34 -> 3.70 ms), hence the same ``NARROW_ROW_KEYS`` bound, taken at the blocks the
+# call would otherwise run.
+NARROW_BLOCK = 64
+
+
+def default_blocks(device_type: str, dtype, head_dim: int, needs_grad: bool,
+                   row_keys: float) -> tuple[int, int] | None:
+    """attnkit's block pair where the call names no ``block_size`` and the engine no ``kv_block``:
+    ``(NARROW_BLOCK, NARROW_BLOCK)`` for forward-only CUDA calls in 16-bit at head dim 128 whose plan
+    computes at most ``NARROW_ROW_KEYS`` keys per query block (``row_keys``, at the blocks it would
+    otherwise run); None keeps those blocks."""
+    if (device_type == "cuda" and not needs_grad and dtype in (torch.bfloat16, torch.float16)
+            and head_dim == 128 and row_keys <= NARROW_ROW_KEYS):
+        return NARROW_BLOCK, NARROW_BLOCK
+    return None
+
+
+def default_kernel_options(device_type: str, dtype, head_dim: int, row_keys: float,
+                           blocks: tuple[int, int] = (128, 128)) -> dict[str, Any]:
     """attnkit's settings where the engine is given none: FlexAttention's own heuristics, except
-    64-row forward tiles for plans of at most ``NARROW_ROW_KEYS`` keys per query block on CUDA in
-    16-bit at head dim 128 (where it was measured, above). ``row_keys``: keys computed per query
-    block (tiles x key block), averaged."""
-    if (device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim == 128
-            and row_keys <= NARROW_ROW_KEYS):
-        return dict(NARROW_FORWARD)
-    return {}
+
+    - 64-row forward tiles for plans of at most ``NARROW_ROW_KEYS`` keys per query block on CUDA in
+      16-bit at head dim 128 (where it was measured, above);
+    - on CUDA, forward tiles no larger than the block mask's blocks (``blocks``: query, key):
+      FlexAttention's heuristic tiles (e.g. ``BLOCK_N = 128`` at head dim 64 in bf16 on sm90) must
+      divide them, else it refuses to compile.
+
+    ``row_keys``: keys computed per query block (tiles x key block), averaged."""
+    if device_type != "cuda":
+        return {}
+    options = {}
+    if dtype in (torch.bfloat16, torch.float16) and head_dim == 128 and row_keys <= NARROW_ROW_KEYS:
+        options.update(NARROW_FORWARD)
+    for name, block in zip(("fwd_BLOCK_M", "fwd_BLOCK_N"), blocks):
+        if block < FLEX_TILE_CAP:
+            options[name] = min(options.get(name, block), block)
+    return options
 
 
-__all__ = ["NARROW_FORWARD", "NARROW_ROW_KEYS", "REFUSED", "TILED_KV_BLOCK", "check_kernel_options",
-           "check_kv_block", "default_kernel_options", "default_kv_block"]
+__all__ = ["FLEX_TILE_CAP", "NARROW_BLOCK", "NARROW_FORWARD", "NARROW_ROW_KEYS", "REFUSED", "TILED_KV_BLOCK", "check_kernel_options",
+           "check_kv_block", "default_blocks", "default_kernel_options", "default_kv_block"]
