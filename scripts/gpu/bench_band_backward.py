@@ -1,0 +1,133 @@
+"""Experiment: can a banded backward of our own beat FlexAttention's on a sliding window?
+
+FlexAttention's backward (like Triton's fused-attention tutorial) runs two loops per tile pair: dK/dV
+over query blocks and dQ over key blocks, recomputing the scores in each (seven GEMMs per tile).
+FlashAttention-2's first backward (Dao 2023, arXiv:2307.08691, Alg. 2) makes one pass over key
+blocks and accumulates dQ with atomic adds in float32: five GEMMs per tile, plus the atomics. This
+script times that one-pass form, written here in Triton for a 1-D band (query i sees keys
+[i - left, i + right]), against FlexAttention's backward on the same window, and checks its gradients
+against FlexAttention's first.
+
+    PYTHONPATH=src python scripts/gpu/bench_band_backward.py --out DIR      # one H100/H200
+
+Not a library engine: a measurement (docs/results/README.md, issue #4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from triton.testing import do_bench
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _band_backward(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, sm_scale, L, LEFT, RIGHT,
+                   stride_b, stride_h, stride_l, H: tl.constexpr, D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of one (batch, head): dK, dV in registers, dQ added atomically (float32)."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    base = (bh // H) * stride_b + (bh % H) * stride_h
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    kv_ptrs = base + offs_n[:, None] * stride_l + offs_d[None, :]
+    k = tl.load(K + kv_ptrs, mask=offs_n[:, None] < L, other=0.0)
+    v = tl.load(V + kv_ptrs, mask=offs_n[:, None] < L, other=0.0)
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    lo = tl.maximum(start_n - RIGHT, 0) // BLOCK_M * BLOCK_M
+    hi = tl.minimum(start_n + BLOCK_N + LEFT, L)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < L
+        q_ptrs = base + offs_m[:, None] * stride_l + offs_d[None, :]
+        q = tl.load(Q + q_ptrs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + q_ptrs, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + bh * L + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q))  # (keys, queries)
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :] * 1.4426950408889634)
+        seen = ((offs_n[:, None] >= offs_m[None, :] - LEFT) & (offs_n[:, None] <= offs_m[None, :] + RIGHT)
+                & row_ok[None, :])
+        p_t = tl.where(seen, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += tl.dot(ds_t, q)
+        dq = tl.dot(tl.trans(ds_t), k) * sm_scale
+        tl.atomic_add(DQ + q_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+    tl.store(DK + kv_ptrs, (dk * sm_scale).to(k.dtype), mask=offs_n[:, None] < L)
+    tl.store(DV + kv_ptrs, dv.to(v.dtype), mask=offs_n[:, None] < L)
+
+
+def band_backward(q, k, v, out, dout, lse, left, right, block_m=64, block_n=128, warps=8, stages=2):
+    """dq, dk, dv of softmax attention over the band; ``lse`` natural-log (B, H, L) float32."""
+    B, H, L, D = q.shape
+    delta = (out.float() * dout.float()).sum(-1)
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    grid = (triton.cdiv(L, block_n), B * H)
+    _band_backward[grid](q, k, v, dout, lse, delta, dq, dk, dv, 1.0 / math.sqrt(D), L, left, right,
+                         q.stride(0), q.stride(1), q.stride(2), H=H, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+                         num_warps=warps, num_stages=stages)
+    return dq.to(q.dtype), dk, dv
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--L", type=int, default=32768)
+    ap.add_argument("--H", type=int, default=16)
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    shape = (1, args.H, args.L, args.D)
+    q, k, v, dout = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    w = args.window
+    mask = create_block_mask(lambda b, h, i, j: (j >= i - w) & (j <= i + w), None, None, args.L, args.L, device="cuda")
+    flex = torch.compile(flex_attention, dynamic=False)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def flex_fwd_bwd():
+        return torch.autograd.grad(flex(*leaves, block_mask=mask), leaves, dout)
+
+    with torch.no_grad():
+        out, lse = flex(q, k, v, block_mask=mask, return_lse=True)
+    want = flex_fwd_bwd()
+    result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "shape": shape, "window": w, "rows": []}
+    result["flex_fwd_ms"] = do_bench(lambda: flex(q, k, v, block_mask=mask), return_mode="median")
+    result["flex_fwdbwd_ms"] = do_bench(flex_fwd_bwd, return_mode="median")
+    print(json.dumps({k_: v_ for k_, v_ in result.items() if k_ != "rows"}), flush=True)
+    for bm, bn, warps, stages in ((64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 4, 2), (32, 128, 4, 2),
+                                  (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2)):
+        row = {"block_m": bm, "block_n": bn, "warps": warps, "stages": stages}
+        try:
+            got = band_backward(q, k, v, out, dout, lse, w, w, bm, bn, warps, stages)
+            row["max_rel_err"] = [float((g.float() - t.float()).abs().max() / t.float().abs().max())
+                                  for g, t in zip(got, want)]
+            row["bwd_ms"] = do_bench(lambda: band_backward(q, k, v, out, dout, lse, w, w, bm, bn, warps, stages),
+                                     return_mode="median")
+            row["fwd_plus_ours_ms"] = result["flex_fwd_ms"] + row["bwd_ms"]
+        except Exception as err:  # noqa: BLE001 - a config that does not compile is a result
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        print(json.dumps(row), flush=True)
+        result["rows"].append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_band_backward.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
