@@ -301,11 +301,12 @@ SWEEP = {
     # 2026-11-27 (third session): 64-token query and key blocks (forward only), where each query block
     # of a narrow window computes fewer keys (+-256: 576 instead of 640 per 64 queries)
     "block64": ({"call": {"block_size": 64}}, ("window", "grid"), False),
-    # the sm90 default is (64, 128, 128, 64), 3 stages, 8 warps; the
-    # autotuner's other candidates with 8 warps, and 32-row dK/dV tiles with 8 warps; each with the
-    # default 64-row forward tiles of narrow plans, so only the backward differs from the default row
-    **{f"bwd_m{m}_s{s}_w8": ({"kernel_options": {**NARROW_FORWARD, "bwd_BLOCK_M1": m, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
-                                                 "bwd_BLOCK_N2": m, "bwd_num_warps": 8, "bwd_num_stages": s}},
+    # backward tiles beside the sm90 default (64, 128, 128, 64; 3 stages, 8 warps): the autotuner's other
+    # candidates with 8 warps, and 32-row dK/dV tiles with 8 warps; each with the default 64-row forward
+    # tiles of narrow plans, so only the backward differs from the default row
+    **{f"bwd_m{m}_s{s}_w8": ({"kernel_options": {**NARROW_FORWARD, "bwd_BLOCK_M1": m, "bwd_BLOCK_N1": 128,
+                                                 "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": m, "bwd_num_warps": 8,
+                                                 "bwd_num_stages": s}},
                               ("window",), True)
        for m, s in ((64, 1), (64, 4), (64, 5), (32, 3), (32, 4))},
 }

@@ -156,5 +156,5 @@ def default_kernel_options(device_type: str, dtype, head_dim: int, row_keys: flo
     return options
 
 
-__all__ = ["FLEX_TILE_CAP", "NARROW_BLOCK", "NARROW_FORWARD", "NARROW_ROW_KEYS", "REFUSED", "TILED_KV_BLOCK", "check_kernel_options",
-           "check_kv_block", "default_blocks", "default_kernel_options", "default_kv_block"]
+__all__ = ["FLEX_TILE_CAP", "NARROW_BLOCK", "NARROW_FORWARD", "NARROW_ROW_KEYS", "REFUSED", "TILED_KV_BLOCK",
+           "check_kernel_options", "check_kv_block", "default_blocks", "default_kernel_options", "default_kv_block"]
