@@ -301,6 +301,8 @@ SWEEP = {
     # 2026-11-27 (third session): 64-token query and key blocks (forward only), where each query block
     # of a narrow window computes fewer keys (+-256: 576 instead of 640 per 64 queries)
     "block64": ({"call": {"block_size": 64}}, ("window", "grid"), False),
+    # tokens given in the engines' tiled order (a layer stack that keeps them there): no moves
+    "tiled_input": ({"call": {"token_order": "tiled"}}, ("grid",), True),
     # backward tiles beside the sm90 default (64, 128, 128, 64; 3 stages, 8 warps): the autotuner's other
     # candidates with 8 warps, and 32-row dK/dV tiles with 8 warps; each with the default 64-row forward
     # tiles of narrow plans, so only the backward differs from the default row

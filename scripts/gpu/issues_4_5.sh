@@ -6,7 +6,8 @@
 #   patterns: bench_patterns (every pattern on the flex engine beside cuDNN and plain FlexAttention), the
 #             +-256 window's backward tiles swept, and a profile of its forward+backward call;
 #   checks:   bench_token_moves (ways to move tokens into a grid's tiled order), 64-token blocks against
-#             the defaults of then (forward), every test marked gpu.
+#             the defaults of then (forward), neighbourhoods with tokens given in the tiled order (no
+#             moves), every test marked gpu.
 # Each step has its own budget and timeout, so a slow one cannot starve the next. Everything is
 # written under WORK and packed into $OUT/issues_4_5_PART.tar.gz (the device tool brings back at most
 # 8 files).
@@ -42,6 +43,8 @@ checks)
   step moves 80 $python scripts/gpu/bench_token_moves.py --out "$work/moves"
   step block64 120 $python scripts/gpu/bench_patterns.py --out "$work/block64" --cases window_256 window_1024 \
       neighborhood_2d neighborhood_3d --no-plain-flex --no-backward --sweep --sweep-settings block64 --budget-s 90
+  step tiled_input 150 $python scripts/gpu/bench_patterns.py --out "$work/tiled_input" --cases neighborhood_2d \
+      neighborhood_3d --sweep --sweep-settings tiled_input --budget-s 120
   step gpu_tests 300 $python -m pytest -q -m gpu tests/ -p no:cacheprovider ;;
 cpu)
   step linear 120 $python scripts/gpu/bench_linear.py --device cpu --dtype float32 --heads 2 --dim 16 --based-dim 4 \
