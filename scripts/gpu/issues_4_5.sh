@@ -45,7 +45,7 @@ checks)
       neighborhood_2d neighborhood_3d --no-plain-flex --no-backward --sweep --sweep-settings block64 --budget-s 90
   step tiled_input 150 $python scripts/gpu/bench_patterns.py --out "$work/tiled_input" --cases neighborhood_2d \
       neighborhood_3d --sweep --sweep-settings tiled_input --budget-s 120
-  step gpu_tests 300 $python -m pytest -q -m gpu tests/ -p no:cacheprovider ;;
+  step gpu_tests 200 $python -m pytest -q -m gpu tests/ -p no:cacheprovider ;;
 cpu)
   step linear 120 $python scripts/gpu/bench_linear.py --device cpu --dtype float32 --heads 2 --dim 16 --based-dim 4 \
       --lengths 64 128 --budget 0.02 --budget-s 60 --out "$work/linear" --methods lightning linear
