@@ -5,8 +5,8 @@ over query blocks and dQ over key blocks, recomputing the scores in each (seven 
 FlashAttention-2's first backward (Dao 2023, arXiv:2307.08691, Alg. 2) makes one pass over key
 blocks and accumulates dQ with atomic adds in float32: five GEMMs per tile, plus the atomics. This
 script times that one-pass form, written here in Triton for a 1-D band (query i sees keys
-[i - left, i + right]), against FlexAttention's backward on the same window, and checks its gradients
-against FlexAttention's first.
+[i - left, i + right]), and torch's FlashAttention-2 kernels with a local window (private aten ops),
+against FlexAttention on the same window, and checks their gradients against FlexAttention's first.
 
     PYTHONPATH=src python scripts/gpu/bench_band_backward.py --out DIR      # one H100/H200
 
@@ -110,6 +110,26 @@ def main(argv=None) -> dict:
     result["flex_fwd_ms"] = do_bench(lambda: flex(q, k, v, block_mask=mask), return_mode="median")
     result["flex_fwdbwd_ms"] = do_bench(flex_fwd_bwd, return_mode="median")
     print(json.dumps({k_: v_ for k_, v_ in result.items() if k_ != "rows"}), flush=True)
+    # torch's FlashAttention-2 kernels take a local window (window_size_left / _right, private aten ops;
+    # layout (B, L, H, D)); autograd runs their windowed backward
+    def fa2_local(q, k, v):
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        out = torch.ops.aten._flash_attention_forward(qt, kt, vt, None, None, args.L, args.L, 0.0, False, False,
+                                                      window_size_left=w, window_size_right=w)[0]
+        return out.transpose(1, 2)
+
+    row = {"kernel": "fa2_local"}
+    try:
+        with torch.no_grad():
+            row["fwd_max_rel_err"] = float((fa2_local(q, k, v).float() - out.float()).abs().max() / out.float().abs().max())
+        got = torch.autograd.grad(fa2_local(*leaves), leaves, dout)
+        row["max_rel_err"] = [float((g.float() - t.float()).abs().max() / t.float().abs().max()) for g, t in zip(got, want)]
+        row["fwd_ms"] = do_bench(lambda: fa2_local(q, k, v), return_mode="median")
+        row["fwdbwd_ms"] = do_bench(lambda: torch.autograd.grad(fa2_local(*leaves), leaves, dout), return_mode="median")
+    except Exception as err:  # noqa: BLE001
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    print(json.dumps(row), flush=True)
+    result["rows"].append(row)
     for bm, bn, warps, stages in ((64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 4, 2), (32, 128, 4, 2),
                                   (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2)):
         row = {"block_m": bm, "block_n": bn, "warps": warps, "stages": stages}
