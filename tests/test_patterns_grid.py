@@ -21,7 +21,7 @@ import attnkit as ak
 from attnkit.patterns import plan_from_dense
 from attnkit.patterns.neighborhood import window_1d
 from attnkit.patterns.radial import radial_table, radial_table_reference
-from helpers import rel_err
+from helpers import grad_err, rel_err
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 ENGINES = ("dense", "blocksparse")
@@ -164,7 +164,7 @@ def check_against_oracle(name, opts, is_causal, mask, seed):
             assert rel_err(out, want) <= TOL[dtype], (engine, dtype, opts, rel_err(out, want))
             grads = torch.autograd.grad((out * w.to(dtype)).sum(), ins)
             for got, ref, what in zip(grads, want_grads, "qkv"):
-                assert rel_err(got, ref) <= TOL[dtype], (engine, dtype, what, opts, rel_err(got, ref))
+                assert grad_err(got, ref) <= TOL[dtype], (engine, dtype, what, opts, grad_err(got, ref))
 
 
 # -- masks ------------------------------------------------------------------------------------
@@ -289,6 +289,17 @@ def test_engines_match_oracle_sweep(name):
         check_against_oracle(*config, seed)
 
     sweep()
+
+
+def test_gradients_with_cancellation_are_measured_against_the_floor():
+    """The slow sweep's failing examples of 2026-11-27, rows that see one key (ds = 0 exactly):
+    blocksparse's float32 dk was off by 3.1e-7 (of +-0.0175) and 1.1e-6 (of 0); helpers.GRAD_FLOOR."""
+    mask = torch.tensor([[True, False], [True, True]])
+    opts = {"tokens_per_frame": 1, "context_tokens": 1, "context_attends": "context"}
+    check_against_oracle("frame_causal", opts, False, mask, 308)
+    grid = dict(grid=(2, 3, 4), kernel_size=(1, 1, 1), dilation=(1, 1, 1), stride=(1, 1, 1))
+    for seed in range(8):
+        check_against_oracle("neighborhood", grid, False, torch.eye(24, dtype=torch.bool), seed)
 
 
 def test_video_causal_in_time_only():
