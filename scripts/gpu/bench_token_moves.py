@@ -2,7 +2,8 @@
 
 The flex engine runs grid patterns in a tiled token order (attnkit.backends.reorder); each call
 moves q, k, v in and the output out, and the backward moves the four gradients. On an H200 a
-generic ``index_select`` along L cost 0.21 ms per 8 MiB tensor and a 7-d permute copy 0.19 ms,
+generic ``index_select`` along L cost 0.21 ms per (1, 16, 32768, 128) bf16 tensor (128 MiB) and a
+7-d permute copy 0.19 ms,
 about 0.7 ms of a 1.9 ms 2-D neighbourhood call (scripts/gpu/profile_call.py). Candidates:
 
 - ``gather``: ``x.index_select(-2, order)`` (attnkit's move before 2026-11-27);
