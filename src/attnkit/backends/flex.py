@@ -366,29 +366,29 @@ class FlexEngine:
 
     def describe(self, call: AttentionCall, spec: MaskSpec) -> str:
         """How this call runs: token order, block mask, kernel options."""
-        layout = self.layout(call, spec)
-        bq, bk = self._block_pair(call, spec)
-        options = dict(self._kernel_options(call, self.blocks(call, spec)))
+        bq, bk = pair = self._block_pair(call, spec)
+        layout = self._layouts.get(call, spec, pair, self.token_tiling)
+        options = dict(self._kernel_options(call, self._blocks_at(call, spec, pair)))
         return (f"FlexAttention over {layout.pattern.describe()}: {layout.note}; block mask {bq}x{bk}; "
                 f"kernel options {options or 'FlexAttention defaults'}")
 
     def run(self, call: AttentionCall, spec: MaskSpec) -> torch.Tensor:
         spec.pattern.check_heads(call.batch, call.heads)
-        layout = self.layout(call, spec)
+        pair = self._block_pair(call, spec)  # once per call: the layout and the block mask both use it
+        layout = self._layouts.get(call, spec, pair, self.token_tiling)
         if not layout.reordered:
-            return self._run(call, spec, layout.pattern)
+            return self._run(call, spec, layout.pattern, pair)
         q, k, v = (layout.into_order(t) for t in (call.query, call.key, call.value))
-        out = self._run(replace(call, query=q, key=k, value=v), spec, layout.pattern)
+        out = self._run(replace(call, query=q, key=k, value=v), spec, layout.pattern, pair)
         return layout.out_of_order(out)
 
-    def _run(self, call: AttentionCall, spec: MaskSpec, pattern: Pattern) -> torch.Tensor:
+    def _run(self, call: AttentionCall, spec: MaskSpec, pattern: Pattern, pair: tuple[int, int]) -> torch.Tensor:
         raw = pattern.params(call.q_len, call.k_len)
         flat = leaves(raw)
         family, values = family_key(pattern), value_key(flat)
         params, params_shapes = self._device_params((family, values), raw, call.device)
         bool_mask = call.attn_mask is not None and call.attn_mask.dtype == torch.bool
-        blocks = self._cached_blocks(call, pattern, (family, pattern.describe(), values), bool_mask, raw,
-                                     self._block_pair(call, spec))
+        blocks = self._cached_blocks(call, pattern, (family, pattern.describe(), values), bool_mask, raw, pair)
         default_scale = 1.0 / math.sqrt(call.head_dim)
         ratio = None
         if call.scale != default_scale:  # a cached device scalar: no host-to-device copy per call
